@@ -1,0 +1,5 @@
+import sys
+
+from codsr.cli import main
+
+sys.exit(main())

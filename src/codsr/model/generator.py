@@ -1,0 +1,338 @@
+"""The CODSR generator: one forward shared by training and inference (paper §3, SPEC §2).
+
+    z_L = sf·VAE_enc[LoRA](x_L).sample()          posterior noise: 1st draw
+    ε_a = W(x_L)·ε                                RGPA noise: 2nd draw (Eq. 3)
+    z_t = √ᾱ_t z_L + √(1-ᾱ_t) ε_a                 (Eq. 1)
+    h0  = conv_in(z_t)(1 + γ/w_t) + β/w_t         LQFM (Eq. 4), (γ, β) = SFT(unshuffle(x_L))
+    ẑ_H = z_L + w_t (ε_a − ε_θ(z_t, c, t))         (Eq. 2), w_t = √(1-ᾱ_t)/√ᾱ_t
+    x_H = VAE_dec(ẑ_H / sf)
+
+The pieces are separate methods so the inference pipeline can tile the VAE and the UNet while the
+training loop calls :meth:`CODSRGenerator.forward` end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from codsr.model.checkpoint import CheckpointError, CODSRCheckpoint
+from codsr.model.lora import (
+    RELEASE_LORA_ALPHA,
+    UNET_GROUPS,
+    VAE_ADAPTER,
+    activate_adapters,
+    add_adapter,
+    lora_delta,
+    lora_state_dict,
+    merge_lora_weights,
+    unet_adapter_name,
+    unet_lora_target_modules,
+    vae_lora_target_modules,
+)
+from codsr.model.lqfm import SFTModulator, conv_in_modulation
+from codsr.model.rgpa import RGPAParams, rgpa_weight_map
+
+# diffusers clamps the posterior log-variance to this range (DiagonalGaussianDistribution).
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device in float32, then moved.
+
+    Drawing on the generator's own device in float32 makes a seeded CPU generator give the same
+    noise whatever device and precision the model runs in (the reproducibility contract, SPEC §2).
+    """
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
+
+
+@dataclass
+class GeneratorOutput:
+    """Intermediate tensors of one generator forward (all B×4×h×w except ``weight``, ``w_t``)."""
+
+    z_h: torch.Tensor
+    z_l: torch.Tensor
+    z_t: torch.Tensor
+    eps_a: torch.Tensor
+    eps_pred: torch.Tensor
+    weight: torch.Tensor
+    w_t: torch.Tensor
+
+
+class CODSRGenerator(nn.Module):
+    """VAE (encoder LoRA) + UNet (LoRA, LQFM) + SFT + RGPA around stock diffusers modules."""
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        unet: nn.Module,
+        scheduler,
+        sft: SFTModulator | None = None,
+        rgpa: RGPAParams = RGPAParams(),
+    ) -> None:
+        super().__init__()
+        self.vae = vae
+        self.unet = unet
+        self.sft = sft if sft is not None else SFTModulator(channels=unet.config.block_out_channels[0])
+        self.scheduler = scheduler
+        self.rgpa = rgpa
+        self.register_buffer(
+            "alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32), persistent=False
+        )
+        self.lora_ranks: dict[str, int] = {}
+        self.lora_modules: dict[str, list[str]] = {}
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------------ forward pieces
+    def time_coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1-ᾱ_t), w_t), each B×1×1×1 float32, for integer timesteps of shape (B,)."""
+        abar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].view(-1, 1, 1, 1)
+        sqrt_a = abar**0.5
+        sqrt_1m = (1 - abar) ** 0.5
+        return sqrt_a, sqrt_1m, sqrt_1m / sqrt_a
+
+    def encode_moments(self, x_l: torch.Tensor) -> torch.Tensor:
+        """``quant_conv(Encoder(x_L))``: B×8×h×w posterior mean and log-variance."""
+        return self.vae.quant_conv(self.vae.encoder(x_l.to(self.vae.dtype)))
+
+    def latent_from_moments(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior sample z_L = sf·(μ + σ·noise) in float32."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE))
+        return (mean + std * noise.float()) * self.scaling_factor
+
+    def noisy_latent(
+        self, x_l: torch.Tensor, z_l: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RGPA (Eq. 1, 3): returns (z_t, ε_a, W) in float32."""
+        weight = rgpa_weight_map(x_l, self.rgpa, latent_size=tuple(z_l.shape[-2:]))
+        eps_a = noise.float() * weight
+        sqrt_a, sqrt_1m, _ = self.time_coefficients(timesteps)
+        return sqrt_a * z_l + sqrt_1m * eps_a, eps_a, weight
+
+    def modulation(self, x_l: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LQFM maps already divided by w_t (λ_t = 1/w_t, Eq. 4)."""
+        scale, shift = self.sft(x_l.to(self.sft.SFT_scale_conv0.weight.dtype))
+        w = w_t.to(scale.dtype)
+        return scale / w, shift / w
+
+    def predict_noise(
+        self,
+        z_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> torch.Tensor:
+        """ε_θ(z_t, c, t) from the stock UNet with the LQFM hook on ``conv_in``."""
+        dtype = self.dtype
+        with conv_in_modulation(self.unet, scale, shift):
+            return self.unet(
+                z_t.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype), return_dict=False
+            )[0]
+
+    @staticmethod
+    def denoise(z_l: torch.Tensor, eps_a: torch.Tensor, eps_pred: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """One-step x0 estimate ẑ_H = z_L + w_t(ε_a − ε_θ) (Eq. 2), in float32."""
+        return z_l + w_t * (eps_a - eps_pred.float())
+
+    def decode(self, z_h: torch.Tensor) -> torch.Tensor:
+        """VAE decode of ẑ_H, clamped to [-1, 1] (the decoder has no LoRA)."""
+        x = self.vae.decode((z_h / self.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        return x.clamp(-1, 1)
+
+    def forward(
+        self,
+        x_l: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        generator: torch.Generator | None = None,
+        posterior_noise: torch.Tensor | None = None,
+        rgpa_noise: torch.Tensor | None = None,
+    ) -> GeneratorOutput:
+        """Untiled forward to ẑ_H (SPEC §2); decode with :meth:`decode`.
+
+        ``timesteps`` is an int or a (B,) tensor (per-sample t in training). Noise is drawn from
+        ``generator`` in the contract's order unless given explicitly.
+        """
+        b = x_l.shape[0]
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.full((b,), int(timesteps), dtype=torch.long, device=x_l.device)
+        timesteps = timesteps.to(x_l.device).long().expand(b) if timesteps.ndim == 0 else timesteps.to(x_l.device)
+        moments = self.encode_moments(x_l)
+        shape = (b, moments.shape[1] // 2, *moments.shape[-2:])
+        if posterior_noise is None:
+            posterior_noise = randn(shape, generator, x_l.device)
+        if rgpa_noise is None:
+            rgpa_noise = randn(shape, generator, x_l.device)
+        z_l = self.latent_from_moments(moments, posterior_noise)
+        z_t, eps_a, weight = self.noisy_latent(x_l, z_l, timesteps, rgpa_noise)
+        _, _, w_t = self.time_coefficients(timesteps)
+        scale, shift = self.modulation(x_l, w_t)
+        eps_pred = self.predict_noise(z_t, timesteps, prompt_embeds, scale, shift)
+        z_h = self.denoise(z_l, eps_a, eps_pred, w_t)
+        return GeneratorOutput(z_h=z_h, z_l=z_l, z_t=z_t, eps_a=eps_a, eps_pred=eps_pred, weight=weight, w_t=w_t)
+
+    # ------------------------------------------------------------------ LoRA set-up
+    def add_stage1_lora(self, rank_vae: int = 4, rank_unet: int = 16) -> None:
+        """Inject the trainable stage-1 adapters (SPEC §5) with peft, all active."""
+        vae_modules = vae_lora_target_modules(self.vae)
+        add_adapter(self.vae, rank_vae, vae_modules, VAE_ADAPTER)
+        groups = unet_lora_target_modules(self.unet)
+        for group in UNET_GROUPS:
+            add_adapter(self.unet, rank_unet, groups[group], unet_adapter_name(group))
+        activate_adapters(self.unet, [unet_adapter_name(g) for g in UNET_GROUPS])
+        self.lora_ranks = {"vae": rank_vae, "unet": rank_unet}
+        self.lora_modules = {"vae": vae_modules, **groups}
+
+    def add_alignment_lora(self) -> None:
+        """Add the stage-2 ``*_alignment`` adapters (same rank and modules as stage 1) and activate all six."""
+        if "unet" not in self.lora_ranks:
+            raise RuntimeError("add_alignment_lora needs the stage-1 adapters first (load a stage-1 checkpoint)")
+        for group in UNET_GROUPS:
+            add_adapter(self.unet, self.lora_ranks["unet"], self.lora_modules[group], unet_adapter_name(group, True))
+        activate_adapters(
+            self.unet, [unet_adapter_name(g, a) for a in (False, True) for g in UNET_GROUPS]
+        )
+
+    def load_checkpoint(
+        self,
+        ckpt: CODSRCheckpoint,
+        *,
+        merge_unet: bool = True,
+        merge_vae: bool = False,
+        alignment_scale: float = 1.0,
+    ) -> None:
+        """Apply a checkpoint: SFT weights, VAE-encoder LoRA, UNet LoRA (stage 1 then alignment).
+
+        Merged: ``W += (8/r)·ΔW`` for the stage-1 adapters, then ``W += λ_sem·(8/r)·ΔW`` for the
+        alignment adapters, in float32 (as the release merges). Unmerged: peft adapters holding
+        the checkpoint's tensors, for training or inspection. The VAE LoRA stays unmerged by
+        default because that is what the release computes (merging moves z_L by ~1e-4).
+        """
+        ckpt.validate()
+        missing, unexpected = self.sft.load_state_dict(ckpt.sft, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"SFT state dict mismatch: missing {missing}, unexpected {unexpected}")
+        scale_vae = RELEASE_LORA_ALPHA / ckpt.rank_vae
+        scale_unet = RELEASE_LORA_ALPHA / ckpt.rank_unet
+        _check_lora_shapes(self.vae, ckpt.vae_lora, "VAE")
+        _check_lora_shapes(self.unet, ckpt.unet_lora, "UNet")
+        if merge_vae:
+            merge_lora_weights(self.vae, ckpt.vae_lora, ckpt.vae_lora_modules, VAE_ADAPTER, scale_vae)
+        else:
+            add_adapter(self.vae, ckpt.rank_vae, ckpt.vae_lora_modules, VAE_ADAPTER)
+            _load_lora_tensors(self.vae, ckpt.vae_lora, "VAE")
+        if merge_unet:
+            for alignment, factor in ((False, 1.0), (True, alignment_scale)):
+                if alignment and not ckpt.has_alignment:
+                    continue
+                for group in UNET_GROUPS:
+                    merge_lora_weights(
+                        self.unet,
+                        ckpt.unet_lora,
+                        ckpt.unet_lora_modules[group],
+                        unet_adapter_name(group, alignment),
+                        scale_unet * factor,
+                    )
+        else:
+            for group in UNET_GROUPS:
+                add_adapter(self.unet, ckpt.rank_unet, ckpt.unet_lora_modules[group], unet_adapter_name(group))
+            if ckpt.has_alignment:
+                for group in UNET_GROUPS:
+                    add_adapter(
+                        self.unet, ckpt.rank_unet, ckpt.unet_lora_modules[group], unet_adapter_name(group, True)
+                    )
+            activate_adapters(self.unet, ckpt.unet_adapters)
+            _load_lora_tensors(self.unet, ckpt.unet_lora, "UNet")
+            if ckpt.has_alignment and alignment_scale != 1.0:
+                _scale_adapters(self.unet, [unet_adapter_name(g, True) for g in UNET_GROUPS], alignment_scale)
+        self.lora_ranks = {"vae": ckpt.rank_vae, "unet": ckpt.rank_unet}
+        self.lora_modules = {"vae": list(ckpt.vae_lora_modules), **{g: list(ckpt.unet_lora_modules[g])
+                                                                     for g in UNET_GROUPS}}  # fmt: skip
+
+    def export_checkpoint(self, metadata: dict | None = None) -> CODSRCheckpoint:
+        """Collect the (unmerged, peft) adapters and the SFT into a checkpoint."""
+        if not self.lora_ranks:
+            raise RuntimeError("the generator holds no LoRA adapters to export (merged or never added)")
+        unet_sd = self.unet.state_dict()
+        extra = {k: v.detach().clone() for k, v in unet_sd.items()
+                 if k.startswith(("conv_in.base_layer.", "conv_out.base_layer."))}  # fmt: skip
+        return CODSRCheckpoint(
+            rank_vae=self.lora_ranks["vae"],
+            rank_unet=self.lora_ranks["unet"],
+            vae_lora_modules=list(self.lora_modules["vae"]),
+            unet_lora_modules={g: list(self.lora_modules[g]) for g in UNET_GROUPS},
+            vae_lora=lora_state_dict(self.vae),
+            unet_lora=lora_state_dict(self.unet),
+            sft={k: v.detach().clone() for k, v in self.sft.state_dict().items()},
+            unet_extra=extra,
+            metadata=dict(metadata or {}),
+        )
+
+
+def _check_lora_shapes(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """ΔW of every A/B pair must have the target weight's shape; name the key otherwise."""
+    modules = dict(model.named_modules())
+    for key, a in sd.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        layer = modules.get(name)
+        if layer is None:
+            raise CheckpointError(f"{what} LoRA tensor {key!r} targets module {name!r}, which the model lacks")
+        base = getattr(layer, "base_layer", layer)
+        if b_key not in sd:
+            raise CheckpointError(f"{what} LoRA tensor {b_key!r} is missing from the checkpoint")
+        b = sd[b_key]
+        expected = tuple(base.weight.shape)
+        got = (b.shape[0], a.shape[1], *a.shape[2:])
+        if b.shape[1] != a.shape[0] or got != expected:
+            raise CheckpointError(
+                f"{what} LoRA tensors {key!r}/{b_key!r} give a {got} update but {name!r}.weight is {expected}"
+            )
+
+
+def _load_lora_tensors(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = {k for k in model.state_dict() if "lora" in k}
+    missing = sorted(own - set(sd))
+    unexpected = sorted(set(sd) - own)
+    if missing:
+        raise CheckpointError(f"{what} LoRA tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing)")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {what} LoRA tensor {unexpected[0]!r} has no matching module in the model")
+    model.load_state_dict(sd, strict=False)
+
+
+def _scale_adapters(model: nn.Module, adapters: list[str], factor: float) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for a in adapters:
+                if a in module.scaling:
+                    module.scaling[a] *= factor
+
+
+__all__ = ["CODSRGenerator", "GeneratorOutput", "randn"]

@@ -1,0 +1,1 @@
+"""Inference: the image-to-image CODSR pipeline, tiling and colour correction."""

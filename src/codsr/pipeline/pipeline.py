@@ -1,0 +1,336 @@
+"""CODSRPipeline: one-step CODSR super-resolution of images (SPEC §2, §7).
+
+``restore`` is the bare generator on a prepared LQ tensor (reproducible from one seeded CPU
+generator); ``__call__`` adds the release's image handling: resizing, tagging, prompt assembly,
+colour correction and output conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from codsr.model.base import BASE_MODEL_MIRROR, load_base_components
+from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint, load_checkpoint
+from codsr.model.generator import CODSRGenerator, randn
+from codsr.pipeline.color_fix import color_fix as apply_color_fix
+from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
+from codsr.pipeline.latent_tiling import tiled_noise_prediction
+from codsr.pipeline.vae_tiling import tiled_decode, tiled_encode_moments
+
+# Automatic tiling thresholds: the release's defaults (encoder tile 1024 px, decoder tile 224
+# latent px, UNet tile 150 latent px with overlap 50). VAE tiling is exact here, so these only
+# trade memory for a little halo overhead.
+DEFAULT_VAE_ENCODER_TILE = 1024
+DEFAULT_VAE_DECODER_TILE = 224 * 8
+DEFAULT_LATENT_TILE = 150
+DEFAULT_LATENT_OVERLAP = 50
+MAX_TIMESTEP = 999
+
+Tagger = Callable[[torch.Tensor], Sequence[str]]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def assemble_prompt(tags: str, user_prompt: str | None) -> str:
+    """The release's prompt format ``f"{tags}, {user_prompt},"`` (SPEC §7)."""
+    return f"{tags}, {user_prompt or ''},"
+
+
+class CODSRPipeline:
+    """One-step CODSR super-resolution on Stable Diffusion 2.1-base."""
+
+    def __init__(
+        self,
+        generator: CODSRGenerator,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        tagger: Tagger | None = None,
+        default_timestep: int = DEFAULT_TIMESTEP,
+    ) -> None:
+        self.generator = generator
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.tagger = tagger
+        self.default_timestep = int(default_timestep)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike = BASE_MODEL_MIRROR,
+        checkpoint: str | os.PathLike | CODSRCheckpoint | None = None,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        tagger: str | Tagger | None = None,
+        ram_path: str | os.PathLike | None = None,
+        dape_path: str | os.PathLike | None = None,
+        alignment_scale: float = 1.0,
+        merge_lora: bool = True,
+        merge_vae_lora: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> CODSRPipeline:
+        """Build the pipeline from an SD 2.1-base model (Hub id or local diffusers folder) and a
+        CODSR checkpoint (the release's ``codsr.pkl``, a stage-1 ``.pkl`` or a codsr ``.safetensors``).
+
+        Args:
+            alignment_scale: λ_sem, the weight of the stage-2 (semantic) alignment LoRA; 1.0 is the method.
+            merge_lora: merge the UNet LoRA into the weights (faster; unmerged keeps peft adapters).
+            merge_vae_lora: also merge the VAE-encoder LoRA (same maths; moves z_L by ~1e-4 vs the release).
+            tagger: ``"dape"``, ``"ram"``, ``None`` (tags come from the caller) or a callable
+                mapping a B×3×H×W [0,1] tensor to tag strings.
+        """
+        comps = load_base_components(
+            base_model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+        default_t = DEFAULT_TIMESTEP
+        if checkpoint is None:
+            warnings.warn(
+                "CODSRPipeline built without a checkpoint: the SFT is the identity and there is no LoRA, so "
+                "results are those of the bare SD 2.1 model. Pass checkpoint='codsr.pkl'.",
+                stacklevel=2,
+            )
+        else:
+            ckpt = checkpoint if isinstance(checkpoint, CODSRCheckpoint) else load_checkpoint(checkpoint)
+            gen.load_checkpoint(ckpt, merge_unet=merge_lora, merge_vae=merge_vae_lora, alignment_scale=alignment_scale)
+            default_t = int(ckpt.metadata.get("default_timestep", DEFAULT_TIMESTEP))
+        device = torch.device(device) if device is not None else default_device()
+        pipe = cls(gen, comps.text_encoder, comps.tokenizer, default_timestep=default_t)
+        pipe.to(device, torch_dtype)
+        if tagger is not None:
+            pipe.tagger = _build_tagger(tagger, ram_path, dape_path, device, torch_dtype)
+        return pipe
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CODSRPipeline:
+        for m in (self.generator, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+            m.eval()
+            m.requires_grad_(False)
+        if self.tagger is not None and hasattr(self.tagger, "to"):
+            self.tagger.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.dtype
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden state (after the final layer norm) of the 77-token padded prompt(s)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer(
+            prompts,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    # ------------------------------------------------------------------ the generator
+    @torch.no_grad()
+    def restore(
+        self,
+        lq: torch.Tensor,
+        prompt: str | Sequence[str] = "",
+        timestep: int | None = None,
+        generator: torch.Generator | None = None,
+        latent_tile_size: int | None = None,
+        latent_tile_overlap: int | None = None,
+        vae_encoder_tile_size: int | None = None,
+        vae_decoder_tile_size: int | None = None,
+        release_compat: bool = False,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Restore LQ images already at the output size: B×3×H×W in [-1, 1] → same shape in [-1, 1].
+
+        Noise: with a CPU ``generator`` seeded s, the posterior noise is drawn first and the RGPA
+        noise second, both float32 with the latent's shape (SPEC §2), whatever the device/dtype.
+
+        Tiling: ``None`` = automatic (UNet tiles of 150 latent px with overlap 50 when h·w > 150²;
+        VAE encoder/decoder tiles of 1024/1792 image px); an int forces that size. Tile sizes of
+        the VAE are in image pixels. ``release_compat=True`` reproduces the release's latent tile
+        blending quirks (asymmetric Gaussian, 1e-6 clamp that damps corners).
+        """
+        gen = self.generator
+        x = _validate_lq(lq)
+        b, _, height, width = x.shape
+        x = x.to(self.device, self.dtype)
+        t = int(self.default_timestep if timestep is None else timestep)
+        if not 0 <= t <= MAX_TIMESTEP:
+            raise ValueError(f"timestep must be in [0, {MAX_TIMESTEP}], got {t}")
+        if prompt_embeds is None:
+            prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != b:
+                raise ValueError(f"got {len(prompts)} prompts for a batch of {b} images")
+            prompt_embeds = self.encode_prompt(prompts)
+        prompt_embeds = prompt_embeds.to(self.device, self.dtype)
+
+        enc_tile = DEFAULT_VAE_ENCODER_TILE if vae_encoder_tile_size is None else int(vae_encoder_tile_size)
+        if max(height, width) > enc_tile:
+            moments = tiled_encode_moments(gen.vae, x, enc_tile)
+        else:
+            moments = gen.encode_moments(x)
+        h, w = moments.shape[-2:]
+        shape = (b, moments.shape[1] // 2, h, w)
+        posterior_noise = randn(shape, generator, self.device)  # 1st draw
+        rgpa_noise = randn(shape, generator, self.device)  # 2nd draw
+        z_l = gen.latent_from_moments(moments, posterior_noise)
+        del moments
+        timesteps = torch.full((b,), t, dtype=torch.long, device=self.device)
+        z_t, eps_a, _ = gen.noisy_latent(x, z_l, timesteps, rgpa_noise)
+        _, _, w_t = gen.time_coefficients(timesteps)
+        scale, shift = gen.modulation(x, w_t)
+
+        def predict(ys: slice, xs: slice) -> torch.Tensor:
+            return gen.predict_noise(
+                z_t[..., ys, xs], timesteps, prompt_embeds, scale[..., ys, xs], shift[..., ys, xs]
+            )
+
+        tile = DEFAULT_LATENT_TILE if latent_tile_size is None else int(latent_tile_size)
+        overlap = DEFAULT_LATENT_OVERLAP if latent_tile_overlap is None else int(latent_tile_overlap)
+        overlap = min(overlap, max(0, min(tile, h, w) - 1))
+        eps = tiled_noise_prediction(predict, tuple(z_t.shape), tile, overlap, release_compat, self.device)
+        del scale, shift, z_t
+        z_h = gen.denoise(z_l, eps_a, eps, w_t)
+
+        dec_tile = (DEFAULT_VAE_DECODER_TILE if vae_decoder_tile_size is None else int(vae_decoder_tile_size)) // 8
+        if max(h, w) > dec_tile:
+            z = (z_h / gen.scaling_factor).to(gen.vae.dtype)
+            out = tiled_decode(gen.vae, z, dec_tile).clamp(-1, 1)
+        else:
+            out = gen.decode(z_h)
+        return out.float()
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Any,
+        upscale: float = 4,
+        prompt: str | Sequence[str] | None = None,
+        timestep: int | None = None,
+        color_fix: str | None = "adain",
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        tags: str | Sequence[str] | None = None,
+        **restore_kwargs: Any,
+    ) -> Any:
+        """Super-resolve ``image`` by ``upscale``.
+
+        ``image``: PIL image (or list), numpy H×W×C / B×H×W×C (uint8, uint16 or float [0,1]) or a
+        torch C×H×W / B×C×H×W tensor in [0,1]. Returns the same kind of container with
+        ``output_type`` "pil", "np" (float32 [0,1], H×W×3 or B×H×W×3) or "pt" (B×3×H×W [0,1]).
+        The output is exactly ``round(upscale·W) × round(upscale·H)``: the release's resize rules
+        are applied for processing, then small inputs are resized back (the release forgets to).
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not (0 < float(upscale) <= 16):
+            raise ValueError(f"upscale must be in (0, 16], got {upscale}")
+        single = isinstance(image, Image.Image) or (
+            (isinstance(image, np.ndarray) or torch.is_tensor(image)) and image.ndim in (2, 3)
+        )
+        x01 = to_tensor01(image)
+        b, _, h0, w0 = x01.shape
+        target = (max(1, round(w0 * upscale)), max(1, round(h0 * upscale)))
+        lq01 = x01
+        for size, resample in release_input_size(w0, h0, upscale):
+            lq01 = resize_image(lq01, size, resample)
+        if min(lq01.shape[-2:]) < 8:
+            raise ValueError(f"image of {w0}×{h0} px is too small to process at ×{upscale}")
+
+        prompts = self._prompts(lq01, prompt, tags, b)
+        out = self.restore(lq01 * 2 - 1, prompt=prompts, timestep=timestep, generator=generator, **restore_kwargs)
+        out01 = apply_color_fix((out.cpu() + 1) / 2, lq01, color_fix)
+        if tuple(out01.shape[-1:-3:-1]) != target:
+            out01 = resize_image(out01, target, Image.LANCZOS)
+        return _to_output(out01, output_type, single)
+
+    def _prompts(
+        self, lq01: torch.Tensor, prompt: str | Sequence[str] | None, tags: str | Sequence[str] | None, b: int
+    ) -> list[str]:
+        def per_image(v: str | Sequence[str] | None, what: str) -> list[str | None]:
+            if v is None or isinstance(v, str):
+                return [v] * b
+            if len(v) != b:
+                raise ValueError(f"got {len(v)} {what} for {b} images")
+            return list(v)
+
+        tag_list = per_image(tags, "tag strings")
+        if tags is None and self.tagger is not None:
+            tag_list = list(self.tagger(lq01.to(self.device)))
+        return [assemble_prompt(t or "", p) for t, p in zip(tag_list, per_image(prompt, "prompts"), strict=True)]
+
+
+def _validate_lq(lq: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(lq):
+        raise TypeError(f"restore() expects a B×3×H×W tensor in [-1, 1], got {type(lq).__name__}")
+    if lq.ndim != 4 or lq.shape[1] != 3:
+        raise ValueError(f"restore() expects B×3×H×W, got shape {tuple(lq.shape)}")
+    if lq.shape[-1] % 8 or lq.shape[-2] % 8 or lq.shape[-1] == 0 or lq.shape[-2] == 0:
+        raise ValueError(
+            f"restore() needs H and W to be positive multiples of 8, got {tuple(lq.shape[-2:])}; "
+            "the image pipeline (pipe(image, ...)) resizes for you"
+        )
+    if not lq.is_floating_point():
+        raise TypeError(f"restore() expects a float tensor in [-1, 1], got {lq.dtype}")
+    if not torch.isfinite(lq).all():
+        raise ValueError("restore() input contains NaN or Inf")
+    lo, hi = float(lq.min()), float(lq.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"restore() expects values in [-1, 1], got [{lo:.3g}, {hi:.3g}]")
+    return lq.clamp(-1, 1)
+
+
+def _to_output(x01: torch.Tensor, output_type: str, single: bool) -> Any:
+    if output_type == "pt":
+        return x01
+    arr = x01.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return arr[0] if single else arr
+    images = [Image.fromarray(np.round(a * 255).clip(0, 255).astype(np.uint8)) for a in arr]
+    return images[0] if single else images
+
+
+def _build_tagger(
+    tagger: str | Tagger,
+    ram_path: str | os.PathLike | None,
+    dape_path: str | os.PathLike | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tagger:
+    if callable(tagger):
+        return tagger
+    if tagger not in ("dape", "ram"):
+        raise ValueError(f"tagger must be 'dape', 'ram', None or a callable, got {tagger!r}")
+    from codsr.tagging import RAMTagger
+
+    kwargs: dict[str, Any] = {"device": device, "torch_dtype": dtype}
+    if tagger == "dape":
+        kwargs["dape_path"] = dape_path if dape_path is not None else "default"
+    if ram_path is not None:
+        return RAMTagger.from_pretrained(ram_path, **kwargs)
+    return RAMTagger.from_pretrained(**kwargs)
