@@ -23,11 +23,11 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from codsr.model.checkpoint import CODSRCheckpoint, load_checkpoint
-    from codsr.model.generator import CODSRGenerator
-    from codsr.model.lqfm import SFTModulator
-    from codsr.model.rgpa import rgpa_weight_map
-    from codsr.pipeline.pipeline import CODSRPipeline
+    from codsr.model.checkpoint import CODSRCheckpoint, load_checkpoint  # noqa: F401
+    from codsr.model.generator import CODSRGenerator  # noqa: F401
+    from codsr.model.lqfm import SFTModulator  # noqa: F401
+    from codsr.model.rgpa import rgpa_weight_map  # noqa: F401
+    from codsr.pipeline.pipeline import CODSRPipeline  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -85,6 +85,6 @@ def load_base_components(
             continue
         try:
             out[name] = loaders[name]()
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             raise BaseModelNotFoundError(_missing_message(base, name, e)) from e
     return BaseComponents(**out)  # type: ignore[arg-type]

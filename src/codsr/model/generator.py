@@ -25,7 +25,6 @@ from codsr.model.lora import (
     VAE_ADAPTER,
     activate_adapters,
     add_adapter,
-    lora_delta,
     lora_state_dict,
     merge_lora_weights,
     unet_adapter_name,
@@ -33,7 +32,7 @@ from codsr.model.lora import (
     vae_lora_target_modules,
 )
 from codsr.model.lqfm import SFTModulator, conv_in_modulation
-from codsr.model.rgpa import RGPAParams, rgpa_weight_map
+from codsr.model.rgpa import DEFAULT_RGPA, RGPAParams, rgpa_weight_map
 
 # diffusers clamps the posterior log-variance to this range (DiagonalGaussianDistribution).
 _LOGVAR_RANGE = (-30.0, 20.0)
@@ -77,7 +76,7 @@ class CODSRGenerator(nn.Module):
         unet: nn.Module,
         scheduler,
         sft: SFTModulator | None = None,
-        rgpa: RGPAParams = RGPAParams(),
+        rgpa: RGPAParams = DEFAULT_RGPA,
     ) -> None:
         super().__init__()
         self.vae = vae

@@ -30,6 +30,9 @@ class RGPAParams:
     patch: int = 16
 
 
+DEFAULT_RGPA = RGPAParams()
+
+
 def sobel_magnitude(x_l: torch.Tensor) -> torch.Tensor:
     """L1 Sobel gradient magnitude |gx| + |gy| of the BT.601 gray image of ``x_l`` ∈ [-1, 1].
 
@@ -44,15 +47,20 @@ def sobel_magnitude(x_l: torch.Tensor) -> torch.Tensor:
     return grads.abs().sum(dim=1, keepdim=True)
 
 
-def patch_weight(p: torch.Tensor, params: RGPAParams = RGPAParams()) -> torch.Tensor:
-    """Piecewise map of patch means: floor, linear ramp to 1, then 1 (UPSR-style; SPEC §3)."""
-    ramp = ((p - params.low) / (params.high - params.low)).clamp(0.0, 1.0)
-    return params.floor + (1.0 - params.floor) * ramp
+def patch_weight(p: torch.Tensor, params: RGPAParams = DEFAULT_RGPA) -> torch.Tensor:
+    """Piecewise map of patch means: floor, linear ramp to 1, then 1 (UPSR-style; SPEC §3).
+
+    Evaluated as ``slope·(p − low) + floor`` on the ramp, the release's form, so results match it
+    to the last bit (the algebraically equal ``floor + (1 − floor)·ramp`` differs by an ulp).
+    """
+    slope = (1.0 - params.floor) / (params.high - params.low)
+    ramp = slope * (p - params.low) + params.floor
+    return torch.where(p <= params.low, torch.full_like(p, params.floor), torch.where(p <= params.high, ramp, torch.ones_like(p)))
 
 
 def rgpa_weight_map(
     x_l: torch.Tensor,
-    params: RGPAParams = RGPAParams(),
+    params: RGPAParams = DEFAULT_RGPA,
     latent_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Noise weight map W(g_{x_L}) of paper Eq. 3, at latent resolution.

@@ -82,7 +82,7 @@ def _resize_pil_float(t: torch.Tensor, size: tuple[int, int], resample: int) -> 
     """Resize a 3×H×W float tensor with PIL's filter per channel in mode "F" (no 8-bit rounding)."""
     w, h = size
     chans = [
-        torch.from_numpy(np.asarray(Image.fromarray(c.numpy(), mode="F").resize((w, h), resample), dtype=np.float32))
+        torch.from_numpy(np.array(Image.fromarray(c.numpy(), mode="F").resize((w, h), resample), dtype=np.float32))
         for c in t.float().cpu()
     ]
     return torch.stack(chans)

@@ -203,17 +203,19 @@ class CODSRPipeline:
         z_t, eps_a, _ = gen.noisy_latent(x, z_l, timesteps, rgpa_noise)
         _, _, w_t = gen.time_coefficients(timesteps)
         scale, shift = gen.modulation(x, w_t)
+        # Held in a dict so they can be freed before the (memory-hungry) decode.
+        unet_inputs = {"z_t": z_t, "scale": scale, "shift": shift}
+        del z_t, scale, shift
 
         def predict(ys: slice, xs: slice) -> torch.Tensor:
-            return gen.predict_noise(
-                z_t[..., ys, xs], timesteps, prompt_embeds, scale[..., ys, xs], shift[..., ys, xs]
-            )
+            m = {k: v[..., ys, xs] for k, v in unet_inputs.items()}
+            return gen.predict_noise(m["z_t"], timesteps, prompt_embeds, m["scale"], m["shift"])
 
         tile = DEFAULT_LATENT_TILE if latent_tile_size is None else int(latent_tile_size)
         overlap = DEFAULT_LATENT_OVERLAP if latent_tile_overlap is None else int(latent_tile_overlap)
         overlap = min(overlap, max(0, min(tile, h, w) - 1))
-        eps = tiled_noise_prediction(predict, tuple(z_t.shape), tile, overlap, release_compat, self.device)
-        del scale, shift, z_t
+        eps = tiled_noise_prediction(predict, shape, tile, overlap, release_compat, self.device)
+        unet_inputs.clear()
         z_h = gen.denoise(z_l, eps_a, eps, w_t)
 
         dec_tile = (DEFAULT_VAE_DECODER_TILE if vae_decoder_tile_size is None else int(vae_decoder_tile_size)) // 8

