@@ -73,3 +73,34 @@ def test_untiled_when_small():
 
     tiled_noise_prediction(predict, (1, 4, 10, 12), 16, 4)
     assert calls == [(slice(0, 10), slice(0, 12))]
+
+
+def test_tile_cores_partition_the_axis():
+    from codsr.pipeline.latent_tiling import tile_cores
+
+    starts = tile_starts(100, 40, 10)
+    cores = tile_cores(100, 40, starts)
+    covered = [p for s, (a, b) in zip(starts, cores, strict=True) for p in range(s + a, s + b)]
+    assert covered == list(range(100))
+    assert all(0 <= a <= b <= 40 for a, b in cores)
+
+
+def test_pooled_group_norm_equals_full_image_group_norm():
+    from codsr.pipeline.latent_tiling import core_weights, pooled_group_norm
+
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 20, 28, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    offsets, cores = core_weights(20, 28, 12, 4)
+    tiles = torch.cat([x[..., y : y + 12, x0 : x0 + 12] for y, x0 in offsets])
+    with torch.no_grad():
+        full = norm(x)
+        with pooled_group_norm(norm, cores, batch=2):
+            pooled = norm(tiles)
+        plain = norm(tiles)
+    assert "forward" not in vars(norm)  # the override is removed
+    for i, (y, x0) in enumerate(offsets):
+        torch.testing.assert_close(pooled[2 * i : 2 * i + 2], full[..., y : y + 12, x0 : x0 + 12], atol=1e-5, rtol=1e-5)
+    assert (plain[:2] - full[..., :12, :12]).abs().max() > 1e-2  # per-tile statistics differ

@@ -5,15 +5,24 @@ The release splits the latent into T×T tiles with overlap O, runs the UNet per 
 (``release_compat=True``): the y-centre of the Gaussian is T/2 while the x-centre is (T−1)/2, and
 the blended sum is divided by ``clamp_min(Σ weights, 1e-6)``, which damps ε near image corners
 where the Gaussian tails are tiny. By default the weights are symmetric and the division exact.
+
+The release also lets every tile normalise with its own GroupNorm statistics, which shifts each
+tile's prediction (with a tiny random UNet, tiled vs untiled drops to ~27 dB PSNR). By default
+here the tiles run as one batch and every GroupNorm of the UNet pools its statistics over the
+tiles' core regions (a partition of the latent), so each tile is normalised like the whole image
+(~56 dB on the same test); self-attention stays tile-local, which is what makes tiling cheap.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 GAUSSIAN_VAR = 0.01
 _RELEASE_MIN_CONTRIBUTION = 1e-6
@@ -76,4 +85,93 @@ def tiled_noise_prediction(
         contributors[..., ys, xs] += weights
     if release_compat:
         return acc / contributors.clamp_min(_RELEASE_MIN_CONTRIBUTION)
+    return acc / contributors
+
+
+def tile_cores(size: int, tile: int, starts: list[int]) -> list[tuple[int, int]]:
+    """Core interval of each tile along one axis: overlaps are split at their midpoints, so the
+    cores partition ``[0, size)`` and each lies inside its tile."""
+    bounds = [0] + [(starts[i - 1] + tile + starts[i]) // 2 for i in range(1, len(starts))] + [size]
+    return [(bounds[i] - starts[i], bounds[i + 1] - starts[i]) for i in range(len(starts))]
+
+
+def core_weights(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """(offsets, n×1×T×T indicator of each tile's core), in the order of :func:`tile_grid`."""
+    t, offsets = tile_grid(h, w, tile, overlap)
+    ys, xs = tile_starts(h, t, overlap), tile_starts(w, t, overlap)
+    cy, cx = tile_cores(h, t, ys), tile_cores(w, t, xs)
+    masks = []
+    for y0, y1 in cy:
+        for x0, x1 in cx:
+            m = torch.zeros(1, t, t)
+            m[:, y0:y1, x0:x1] = 1.0
+            masks.append(m)
+    return offsets, torch.stack(masks)
+
+
+@contextmanager
+def pooled_group_norm(module: nn.Module, weights: torch.Tensor, batch: int) -> Iterator[None]:
+    """Within the block, every ``nn.GroupNorm`` in ``module`` treats its input as ``n`` tiles × ``batch``
+    images (tile-major) and normalises with per-image statistics pooled over the tiles, each pixel
+    weighted by ``weights`` (n×1×T×T at the first resolution, area-resized for lower ones)."""
+    cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+    n = weights.shape[0]
+
+    def weight_at(h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, device)
+        if key not in cache:
+            wt = weights if weights.shape[-2:] == (h, w) else F.interpolate(weights, size=(h, w), mode="area")
+            cache[key] = wt.to(device=device, dtype=torch.float32).view(n, 1, 1, 1, h, w)
+        return cache[key]
+
+    def forward(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        nb, c, h, w = x.shape
+        g = norm.num_groups
+        xt = x.float().view(n, nb // n, g, c // g, h, w)
+        wt = weight_at(h, w, x.device)
+        count = wt.sum() * (c // g)
+        mean = (xt * wt).sum(dim=(0, 3, 4, 5), keepdim=True) / count
+        var = ((xt - mean).pow(2) * wt).sum(dim=(0, 3, 4, 5), keepdim=True) / count
+        y = ((xt - mean) * torch.rsqrt(var + norm.eps)).view(nb, c, h, w)
+        if norm.affine:
+            y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+    for m in norms:
+        m.forward = lambda x, m=m: forward(m, x)  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
+
+
+def batched_noise_prediction(
+    predict_batch: Callable[[list[tuple[slice, slice]]], torch.Tensor],
+    latent_shape: tuple[int, ...],
+    tile: int,
+    overlap: int,
+    unet: nn.Module,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Tiled ε prediction with all tiles in one UNet batch and GroupNorm statistics pooled across them.
+
+    ``predict_batch(windows)`` returns the UNet output for the stacked windows, tile-major
+    (``len(windows)·B × C × T × T``). Blending: symmetric Gaussian weights, exact division.
+    """
+    b, h, w = latent_shape[0], latent_shape[-2], latent_shape[-1]
+    if h * w <= tile * tile:
+        return predict_batch([(slice(0, h), slice(0, w))]).float()
+    offsets, cores = core_weights(h, w, tile, overlap)
+    t = cores.shape[-1]
+    windows = [(slice(y, y + t), slice(x, x + t)) for y, x in offsets]
+    with pooled_group_norm(unet, cores, b):
+        outs = predict_batch(windows).float()
+    weights = gaussian_tile_weights(t).to(device)
+    acc = torch.zeros(latent_shape, dtype=torch.float32, device=device)
+    contributors = torch.zeros(latent_shape, dtype=torch.float32, device=device)
+    for i, (ys, xs) in enumerate(windows):
+        acc[..., ys, xs] += outs[i * b : (i + 1) * b] * weights
+        contributors[..., ys, xs] += weights
     return acc / contributors

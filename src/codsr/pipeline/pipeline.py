@@ -21,7 +21,7 @@ from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint, load_check
 from codsr.model.generator import CODSRGenerator, randn
 from codsr.pipeline.color_fix import color_fix as apply_color_fix
 from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
-from codsr.pipeline.latent_tiling import tiled_noise_prediction
+from codsr.pipeline.latent_tiling import batched_noise_prediction, tiled_noise_prediction
 from codsr.pipeline.vae_tiling import tiled_decode, tiled_encode_moments
 
 # Automatic tiling thresholds: the release's defaults (encoder tile 1024 px, decoder tile 224
@@ -171,8 +171,9 @@ class CODSRPipeline:
 
         Tiling: ``None`` = automatic (UNet tiles of 150 latent px with overlap 50 when h·w > 150²;
         VAE encoder/decoder tiles of 1024/1792 image px); an int forces that size. Tile sizes of
-        the VAE are in image pixels. ``release_compat=True`` reproduces the release's latent tile
-        blending quirks (asymmetric Gaussian, 1e-6 clamp that damps corners).
+        the VAE are in image pixels. By default UNet tiles run as one batch with GroupNorm
+        statistics pooled across tiles and exact blending; ``release_compat=True`` runs them one
+        by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp).
         """
         gen = self.generator
         x = _validate_lq(lq)
@@ -211,10 +212,18 @@ class CODSRPipeline:
             m = {k: v[..., ys, xs] for k, v in unet_inputs.items()}
             return gen.predict_noise(m["z_t"], timesteps, prompt_embeds, m["scale"], m["shift"])
 
+        def predict_batch(windows: list[tuple[slice, slice]]) -> torch.Tensor:
+            m = {k: torch.cat([v[..., ys, xs] for ys, xs in windows]) for k, v in unet_inputs.items()}
+            n = len(windows)
+            return gen.predict_noise(m["z_t"], timesteps.repeat(n), prompt_embeds.repeat(n, 1, 1), m["scale"], m["shift"])
+
         tile = DEFAULT_LATENT_TILE if latent_tile_size is None else int(latent_tile_size)
         overlap = DEFAULT_LATENT_OVERLAP if latent_tile_overlap is None else int(latent_tile_overlap)
         overlap = min(overlap, max(0, min(tile, h, w) - 1))
-        eps = tiled_noise_prediction(predict, shape, tile, overlap, release_compat, self.device)
+        if release_compat:
+            eps = tiled_noise_prediction(predict, shape, tile, overlap, True, self.device)
+        else:
+            eps = batched_noise_prediction(predict_batch, shape, tile, overlap, gen.unet, self.device)
         unet_inputs.clear()
         z_h = gen.denoise(z_l, eps_a, eps, w_t)
 
@@ -328,11 +337,16 @@ def _build_tagger(
         return tagger
     if tagger not in ("dape", "ram"):
         raise ValueError(f"tagger must be 'dape', 'ram', None or a callable, got {tagger!r}")
-    from codsr.tagging import RAMTagger
+    from codsr.tagging import DEFAULT_RAM, RAMTagger
 
-    kwargs: dict[str, Any] = {"device": device, "torch_dtype": dtype}
-    if tagger == "dape":
-        kwargs["dape_path"] = dape_path if dape_path is not None else "default"
-    if ram_path is not None:
-        return RAMTagger.from_pretrained(ram_path, **kwargs)
-    return RAMTagger.from_pretrained(**kwargs)
+    if tagger == "dape" and dape_path is None:
+        raise ValueError(
+            "tagger='dape' needs dape_path= (DAPE.pth from SeeSR/OSEDiff, e.g. "
+            "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth); tagger='ram' runs plain RAM"
+        )
+    return RAMTagger.from_pretrained(
+        ram_path if ram_path is not None else DEFAULT_RAM,
+        dape_path if tagger == "dape" else None,
+        device=device,
+        torch_dtype=dtype,
+    )
