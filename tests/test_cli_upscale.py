@@ -58,3 +58,16 @@ def test_python_m_codsr_help():
 
     r = subprocess.run([sys.executable, "-m", "codsr", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "upscale" in r.stdout
+
+
+def test_alpha_through_the_model(folder, tmp_path, parity_dir):
+    out = tmp_path / "out"
+    code = main(["upscale", "-i", str(folder / "b.webp.png"), "-o", str(out), "-s", "2", "--device", "cpu", "--quiet",
+                 "--alpha-upsampler", "model", "--base-model", str(parity_dir / "tiny-sd21"),
+                 "--checkpoint", str(parity_dir / "codsr_tiny.pkl")])  # fmt: skip
+    assert code == 0
+    b = Image.open(out / "b.webp.png")
+    assert b.mode == "RGBA" and b.size == (48, 48)
+    src_alpha = np.asarray(Image.open(folder / "b.webp.png"))[..., 3].astype(float)
+    bicubic = np.asarray(Image.fromarray(src_alpha.astype(np.uint8)).resize((48, 48), Image.BICUBIC)).astype(float)
+    assert np.abs(np.asarray(b)[..., 3] - bicubic).mean() > 1  # not the bicubic alpha

@@ -145,3 +145,18 @@ def test_call_rejects_bad_arguments(tiny_pipeline):
         tiny_pipeline(im, output_type="jpeg")
     with pytest.raises(ValueError, match="color_fix"):
         tiny_pipeline(im, color_fix="magic")
+
+
+def test_bf16_keeps_schedule_in_fp32_and_stays_close(parity_dir, parity_case):
+    from codsr import CODSRPipeline
+
+    pipe = CODSRPipeline.from_pretrained(
+        parity_dir / "tiny-sd21", parity_dir / "codsr_tiny.pkl", device="cpu", torch_dtype=torch.bfloat16
+    )
+    assert pipe.dtype == torch.bfloat16
+    assert pipe.generator.alphas_cumprod.dtype == torch.float32
+    assert pipe.generator.time_coefficients(torch.tensor([100]))[2].item() == pytest.approx(0.3439318, abs=1e-7)
+    case = parity_case("untiled")
+    out = pipe.restore(case["lq"], prompt=case["prompt"], generator=torch.Generator().manual_seed(7))
+    assert out.dtype == torch.float32
+    assert _psnr(out, case["output"]) > 20  # bf16 rounding through a random network; fp32 parity is exact

@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ram", default=None, help="path or Hub reference of ram_swin_large_14m.pth")
     p.add_argument("--dape", default=None, help="path or Hub reference of DAPE.pth")
     p.add_argument("--alignment-scale", type=float, default=1.0, help="λ_sem: weight of the semantic LoRA")
+    p.add_argument("--alpha-upsampler", choices=("bicubic", "model"), default="bicubic",
+                   help="how to upscale an alpha channel: bicubic (default) or through CODSR as a gray image")  # fmt: skip
     p.add_argument("--release-compat", action="store_true", help="reproduce the release's tile blending quirks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -103,10 +105,9 @@ def run(args: argparse.Namespace) -> int:
     )
     kwargs = tile_kwargs(args.tile, args.tile_overlap)
 
-    def process(image, seed: int):
-        rgb = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)
-        out = pipe(
-            rgb,
+    def sr(chw, seed: int):
+        return pipe(
+            chw,
             upscale=args.upscale,
             prompt=args.prompt,
             timestep=args.timestep,
@@ -116,7 +117,14 @@ def run(args: argparse.Namespace) -> int:
             release_compat=args.release_compat,
             **kwargs,
         )
-        return out, None  # alpha (if any) is upscaled bicubically by the batch runner
+
+    def process(image, seed: int):
+        out = sr(torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1), seed)
+        alpha = None  # None: the batch runner upscales the input alpha bicubically
+        if image.alpha is not None and args.alpha_upsampler == "model":
+            a = torch.from_numpy(np.ascontiguousarray(image.alpha))[None].expand(3, -1, -1)
+            alpha = sr(a, seed).mean(axis=-1).clip(0, 1)
+        return out, alpha
 
     report = run_batch(
         inputs,

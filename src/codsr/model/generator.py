@@ -84,9 +84,8 @@ class CODSRGenerator(nn.Module):
         self.sft = sft if sft is not None else SFTModulator(channels=unet.config.block_out_channels[0])
         self.scheduler = scheduler
         self.rgpa = rgpa
-        self.register_buffer(
-            "alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32), persistent=False
-        )
+        # A plain tensor, not a buffer: ``.to(dtype=bf16)`` on the module must not round ᾱ_t.
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)
         self.lora_ranks: dict[str, int] = {}
         self.lora_modules: dict[str, list[str]] = {}
 
