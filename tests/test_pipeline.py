@@ -160,3 +160,19 @@ def test_bf16_keeps_schedule_in_fp32_and_stays_close(parity_dir, parity_case):
     out = pipe.restore(case["lq"], prompt=case["prompt"], generator=torch.Generator().manual_seed(7))
     assert out.dtype == torch.float32
     assert _psnr(out, case["output"]) > 20  # bf16 rounding through a random network; fp32 parity is exact
+
+
+def test_tagger_wiring_errors(tmp_path):
+    from codsr.pipeline.pipeline import _build_tagger
+
+    with pytest.raises(ValueError, match="DAPE.pth"):
+        _build_tagger("dape", None, None, torch.device("cpu"), torch.float32)
+    with pytest.raises(FileNotFoundError, match="ram_swin_large_14m.pth"):
+        _build_tagger("ram", tmp_path / "ram_swin_large_14m.pth", None, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="tagger"):
+        _build_tagger("blip", None, None, torch.device("cpu"), torch.float32)
+
+    def fn(x):
+        return ["a"] * len(x)
+
+    assert _build_tagger(fn, None, None, torch.device("cpu"), torch.float32) is fn
