@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "codsr.evaluation.cli",
     "codsr.tagging.cli",
     "codsr.data.make_lq",
+    "codsr.training.cli",
     "codsr.stage2.cli",
 )
 

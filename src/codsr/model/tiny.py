@@ -29,9 +29,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
     "SD_SCHEDULER_CONFIG",
     "TinyModelConfig",
     "build_tiny_components",
+    "build_tokenizer",
     "byte_level_vocab",
     "bytes_to_unicode",
     "save_tiny_model",
@@ -116,7 +120,9 @@ class TinyModelConfig:
         values = dict(values or {})
         unknown = sorted(set(values) - {"unet", "vae", "text_encoder", "scheduler"})
         if unknown:
-            raise ValueError(f"unknown tiny-model config keys {unknown}; valid: unet, vae, text_encoder, scheduler")
+            raise ValueError(
+                f"unknown tiny-model config keys {unknown}; valid: unet, vae, text_encoder, scheduler"
+            )
         return cls(**{k: dict(v or {}) for k, v in values.items()})
 
     def unet_kwargs(self) -> dict[str, Any]:
@@ -147,7 +153,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 bytes map to ``chr(256 + k)`` in byte
     order, so every byte has a visible, whitespace-free symbol.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in keep}
     extra = 0
     for b in range(256):
@@ -212,7 +222,13 @@ def build_tiny_components(config: TinyModelConfig | None = None, seed: int = 0) 
     scheduler = DDPMScheduler(**config.scheduler_kwargs())
     for m in (unet, vae, text_encoder):
         m.eval()
-    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {
+        "vae": vae,
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
 def save_tiny_model(
@@ -224,7 +240,9 @@ def save_tiny_model(
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another --out")
+        raise FileExistsError(
+            f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another --out"
+        )
     comps = build_tiny_components(config, seed)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
