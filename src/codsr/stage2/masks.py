@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from codsr.tagging.tagfile import read_tag_table
+
 SIDECAR_FORMAT = 1
 CROP_MODES = ("center", "random")
 
@@ -154,24 +156,7 @@ def load_captions(path: str | os.PathLike) -> dict[str, str]:
     The TSV form is what ``codsr tag -o tags.tsv`` writes. Keys may be the image key (path
     relative to the data root), its file name, or an absolute path.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--captions file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ValueError(f"--captions {p}: expected a JSON object mapping image paths to caption strings")
-        return {str(k): v for k, v in data.items()}
-    captions: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if "\t" not in line:
-            raise ValueError(f"--captions {p}, line {n}: expected 'path<TAB>caption'")
-        name, caption = line.split("\t", 1)
-        captions[name.strip()] = caption.strip()
-    return captions
+    return read_tag_table(path, "--captions")
 
 
 def lookup_caption(captions: Mapping[str, str], key: str, path: Path) -> str | None:

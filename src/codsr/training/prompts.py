@@ -13,38 +13,20 @@ so changing the rate never shifts other random streams.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from codsr.tagging.tagfile import read_tag_table
+
 __all__ = ["FilePrompts", "RAMCropPrompts", "apply_null_text", "crop_key", "read_prompt_file"]
 
 
 def read_prompt_file(path: str | os.PathLike) -> dict[str, str]:
     """``{name: prompt}`` from a TSV (``name<TAB>prompt`` per line) or JSON object file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompts.file {path} not found (write one with `codsr tag -i HQ_DIR -o tags.tsv`)"
-        )
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ValueError(f"prompts.file {path}: a JSON prompt file must be an object {{name: prompt}}")
-        return dict(data)
-    out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        name, sep, prompt = line.partition("\t")
-        if not sep:
-            raise ValueError(f"prompts.file {path}, line {n}: expected 'name<TAB>prompt'")
-        out[name.strip()] = prompt.strip()
-    return out
+    return read_tag_table(path, "prompts.file")
 
 
 class FilePrompts:
