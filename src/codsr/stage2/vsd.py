@@ -253,19 +253,19 @@ class VSDLoss(nn.Module):
 
         With an ``accelerate.Accelerator`` of several processes the LoRA gradients are averaged
         across processes before clipping, so every process keeps the same fake score (this
-        module needs no DDP wrapping).
+        module needs no DDP wrapping). The backward is plain: ``accelerator.backward`` would
+        scale the loss with the *generator's* fp16 GradScaler, which this optimizer never
+        unscales. The LoRA is float32, so no loss scaling is needed.
         """
         params = self.fake_score_parameters()
         optimizer.zero_grad(set_to_none=True)
         loss = self.fake_score_loss(z_h, prompt_embeds, generator)
+        loss.backward()
         if accelerator is not None:
-            accelerator.backward(loss)
             if accelerator.num_processes > 1:
                 for p in params:
                     if p.grad is not None:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
-        else:
-            loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

@@ -1,7 +1,7 @@
 """``codsr train`` and ``codsr make-tiny-model`` commands.
 
     codsr train --config configs/stage1.yaml --set data.train_hq=/data/hq
-    codsr make-tiny-model --out runs/tiny/base
+    codsr make-tiny-model --out runs/tiny/base [--grounding]
 
 For several GPUs use ``accelerate launch -m codsr.train`` with the same arguments.
 """
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "train",
-        help="train CODSR stage 1 (or the tiny recipe's VAE) from a YAML config",
+        help="train CODSR stage 1 or 2 (or the tiny recipe's VAE) from a YAML config",
         description="Train CODSR from a YAML config (see docs/training.md). Multi-GPU: "
         "accelerate launch -m codsr.train --config ...",
     )
@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config", default=None, help="optional YAML with unet/vae/text_encoder/scheduler overrides"
     )
     t.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    t.add_argument(
+        "--grounding",
+        action="store_true",
+        help="also write tiny random Grounding DINO and SAM 2 models to OUT/grounding_dino and OUT/sam2 "
+        "(for `codsr masks` and stage-2 training offline)",
+    )
     t.set_defaults(func=run_make_tiny_model)
 
 
@@ -60,4 +66,9 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
         print(f"codsr make-tiny-model: {e}", file=sys.stderr)
         return 2
     print(f"codsr make-tiny-model: wrote {out}")
+    if getattr(args, "grounding", False):
+        from codsr.model.tiny import save_tiny_grounding_models
+
+        gd, sam = save_tiny_grounding_models(out, seed=args.seed)
+        print(f"codsr make-tiny-model: wrote {gd} and {sam} (use with codsr masks --grounding-dino/--sam2)")
     return 0

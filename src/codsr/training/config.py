@@ -35,12 +35,15 @@ __all__ = [
     "GANConfig",
     "LoggingConfig",
     "LossConfig",
+    "MasksConfig",
     "ModelConfig",
     "OptimConfig",
     "PromptConfig",
+    "TMGConfig",
     "TrainConfig",
     "TrainLoopConfig",
     "VAEPretrainConfig",
+    "VSDConfig",
     "ValidationConfig",
     "apply_overrides",
     "load_config",
@@ -50,7 +53,7 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MIXED_PRECISION = ("no", "fp16", "bf16")
-STAGES = ("1", "vae")
+STAGES = ("1", "2", "vae")
 
 
 class ConfigError(ValueError):
@@ -91,8 +94,9 @@ class DataConfig:
 @dataclass
 class PromptConfig:
     """Prompts (SPEC §8: RAM tags of the HQ crop). ``mode``: ``"none"`` (empty prompt),
-    ``"file"`` (per-image prompts from a ``codsr tag`` TSV/JSON file) or ``"ram"`` (tag each HQ
-    crop with RAM on the fly, cached per crop)."""
+    ``"file"`` (per-image prompts from a ``codsr tag`` TSV/JSON file), ``"ram"`` (tag each HQ
+    crop with RAM on the fly, cached per crop) or, in stage 2 with precomputed masks,
+    ``"masks"`` (the caption stored with each crop's masks by ``codsr masks``)."""
 
     mode: str = "ram"
     file: str | None = None
@@ -213,6 +217,52 @@ class VAEPretrainConfig:
 
 
 @dataclass
+class TMGConfig:
+    """Stage 2: text-matching guidance (SPEC §9 "TMG"). Release: the first attn2 layer,
+    ``0.5·L_area + 0.025·L_bce``; paper: ``layers: all``, ``area_weight: 1``, ``bce_weight: 0``."""
+
+    layers: str = "first"  # "first" (release) or "all" (paper: mean over every attn2 layer)
+    area_weight: float = 0.5
+    bce_weight: float = 0.025
+    min_mask_pixels: int = 1  # a mask with fewer positive pixels is ignored
+
+
+@dataclass
+class VSDConfig:
+    """Stage 2: VSD regulariser (SPEC §9 "VSD"): weight, fake-score LoRA and its optimizer."""
+
+    weight: float = 2.0  # 0 disables VSD (no second UNet is loaded)
+    rank: int = 4  # fake-score LoRA rank
+    guidance_scale: float = 7.5  # real-score CFG
+    negative_prompt: str | None = None  # null: the release's (codsr.stage2.vsd.NEGATIVE_PROMPT)
+    timestep_min: int = 20  # VSD t ~ U{timestep_min..timestep_max}
+    timestep_max: int = 979
+    lr: float = 5.0e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1.0e-2
+    max_grad_norm: float = 1.0
+    # dtype of the frozen SD UNet shared by both scores: "auto" = the mixed-precision dtype on a
+    # GPU, float32 on the CPU; "fp32" | "bf16" | "fp16". The fake-score LoRA stays float32.
+    base_dtype: str = "auto"
+
+
+@dataclass
+class MasksConfig:
+    """Stage 2: where the TMG masks come from (SPEC §9 "Masks"). ``offline``: the folder written
+    by ``codsr masks`` (``dir``); ``online``: Grounded-SAM2 on each HQ crop in the training loop."""
+
+    mode: str = "offline"
+    dir: str | None = None  # offline: the --out folder of `codsr masks` (with data.train_hq = its --data)
+    missing: str = "error"  # offline: "error" or "skip" images without a finished sidecar
+    grounding_dino: str = "IDEA-Research/grounding-dino-tiny"  # online: Hub id or local folder
+    sam2: str = "facebook/sam2.1-hiera-large"
+    box_threshold: float = 0.4
+    text_threshold: float = 0.3
+    max_boxes: int = 2
+    noun_backend: str = "auto"  # online: "auto" | "nltk" | "spacy"
+
+
+@dataclass
 class TrainConfig:
     """The whole training configuration."""
 
@@ -233,6 +283,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
+    tmg: TMGConfig = field(default_factory=TMGConfig)
+    vsd: VSDConfig = field(default_factory=VSDConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -324,9 +377,9 @@ class TrainConfig:
         )
         _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
         _check(
-            p.mode in ("none", "file", "ram"),
+            p.mode in ("none", "file", "ram", "masks"),
             "prompts.mode",
-            f"must be 'none', 'file' or 'ram', got {p.mode!r}",
+            f"must be 'none', 'file', 'ram' or 'masks' (stage 2), got {p.mode!r}",
         )
         _check(
             p.mode != "file" or bool(p.file),
@@ -420,7 +473,53 @@ class TrainConfig:
         _check(0 <= v.timestep <= 999, "validation.timestep", f"must be in [0, 999], got {v.timestep}")
         _check(v.num_images >= 1, "validation.num_images", f"must be >= 1, got {v.num_images}")
         _check(self.vae.kl_weight >= 0, "vae.kl_weight", f"must be >= 0, got {self.vae.kl_weight}")
+        self._validate_stage2()
         self.accumulation_steps(1)  # global batch consistency
+
+    def _validate_stage2(self) -> None:
+        """The stage-2 sections (``tmg``, ``vsd``, ``masks``) and how they combine with ``prompts``."""
+        tm, vs, mk, p = self.tmg, self.vsd, self.masks, self.prompts
+        _check(tm.layers in ("first", "all"), "tmg.layers", f"must be 'first' or 'all', got {tm.layers!r}")
+        _check(tm.area_weight >= 0, "tmg.area_weight", f"must be >= 0, got {tm.area_weight}")
+        _check(tm.bce_weight >= 0, "tmg.bce_weight", f"must be >= 0, got {tm.bce_weight}")
+        _check(tm.min_mask_pixels >= 1, "tmg.min_mask_pixels", f"must be >= 1, got {tm.min_mask_pixels}")
+        _check(vs.weight >= 0, "vsd.weight", f"must be >= 0, got {vs.weight}")
+        _check(vs.rank >= 1, "vsd.rank", f"must be >= 1, got {vs.rank}")
+        _check(vs.guidance_scale >= 0, "vsd.guidance_scale", f"must be >= 0, got {vs.guidance_scale}")
+        _check(0 <= vs.timestep_min <= vs.timestep_max <= 999, "vsd.timestep_min",
+               f"need 0 <= vsd.timestep_min ({vs.timestep_min}) <= vsd.timestep_max ({vs.timestep_max}) <= 999")  # fmt: skip
+        _check(vs.lr > 0, "vsd.lr", f"must be > 0, got {vs.lr}")
+        _check(
+            len(vs.betas) == 2 and all(0 <= b < 1 for b in vs.betas),
+            "vsd.betas",
+            f"must be two numbers in [0, 1), got {vs.betas}",
+        )
+        _check(vs.weight_decay >= 0, "vsd.weight_decay", f"must be >= 0, got {vs.weight_decay}")
+        _check(vs.max_grad_norm > 0, "vsd.max_grad_norm", f"must be > 0, got {vs.max_grad_norm}")
+        _check(vs.base_dtype in ("auto", "fp32", "bf16", "fp16"), "vsd.base_dtype",
+               f"must be 'auto', 'fp32', 'bf16' or 'fp16', got {vs.base_dtype!r}")  # fmt: skip
+        _check(
+            mk.mode in ("offline", "online"), "masks.mode", f"must be 'offline' or 'online', got {mk.mode!r}"
+        )
+        _check(
+            mk.missing in ("error", "skip"), "masks.missing", f"must be 'error' or 'skip', got {mk.missing!r}"
+        )
+        _check(mk.max_boxes >= 1, "masks.max_boxes", f"must be >= 1, got {mk.max_boxes}")
+        _check(mk.noun_backend in ("auto", "nltk", "spacy"), "masks.noun_backend",
+               f"must be 'auto', 'nltk' or 'spacy', got {mk.noun_backend!r}")  # fmt: skip
+        if self.stage != "2":
+            _check(
+                p.mode != "masks",
+                "prompts.mode",
+                "'masks' (captions of `codsr masks`) exists in stage 2 only",
+            )
+            return
+        if mk.mode == "offline":
+            _check(p.mode == "masks", "prompts.mode",
+                   f"must be 'masks' with masks.mode=offline (the captions are stored with the masks), got {p.mode!r}")  # fmt: skip
+        else:
+            _check(p.mode in ("file", "ram"), "prompts.mode",
+                   f"must be 'file' or 'ram' with masks.mode=online (TMG needs captions), got {p.mode!r}")  # fmt: skip
 
 
 def _check(ok: bool, key: str, message: str) -> None:
