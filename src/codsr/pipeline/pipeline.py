@@ -22,6 +22,7 @@ from codsr.model.generator import CODSRGenerator, randn
 from codsr.pipeline.color_fix import color_fix as apply_color_fix
 from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
 from codsr.pipeline.latent_tiling import batched_noise_prediction, tiled_noise_prediction
+from codsr.pipeline.release_vae_tiling import release_tiled_decoder_forward, release_tiled_encoder_forward
 from codsr.pipeline.vae_tiling import tiled_decode, tiled_encode_moments
 
 # Automatic tiling thresholds: the release's defaults (encoder tile 1024 px, decoder tile 224
@@ -173,7 +174,8 @@ class CODSRPipeline:
         VAE encoder/decoder tiles of 1024/1792 image px); an int forces that size. Tile sizes of
         the VAE are in image pixels. By default UNet tiles run as one batch with GroupNorm
         statistics pooled across tiles and exact blending; ``release_compat=True`` runs them one
-        by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp).
+        by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp) and
+        uses the release's approximate tiled VAE (its own trigger: max side > tile + 2·pad).
         """
         gen = self.generator
         x = _validate_lq(lq)
@@ -190,7 +192,11 @@ class CODSRPipeline:
         prompt_embeds = prompt_embeds.to(self.device, self.dtype)
 
         enc_tile = DEFAULT_VAE_ENCODER_TILE if vae_encoder_tile_size is None else int(vae_encoder_tile_size)
-        if max(height, width) > enc_tile:
+        if release_compat:
+            # The release's approximate tiled VAE, which decides itself whether to tile.
+            h_enc = release_tiled_encoder_forward(gen.vae.encoder, x.to(gen.vae.dtype), enc_tile)
+            moments = gen.vae.quant_conv(h_enc.to(gen.vae.quant_conv.weight.dtype))
+        elif max(height, width) > enc_tile:
             moments = tiled_encode_moments(gen.vae, x, enc_tile)
         else:
             moments = gen.encode_moments(x)
@@ -228,7 +234,10 @@ class CODSRPipeline:
         z_h = gen.denoise(z_l, eps_a, eps, w_t)
 
         dec_tile = (DEFAULT_VAE_DECODER_TILE if vae_decoder_tile_size is None else int(vae_decoder_tile_size)) // 8
-        if max(h, w) > dec_tile:
+        if release_compat:
+            z = gen.vae.post_quant_conv(z_h.to(gen.vae.dtype) / gen.scaling_factor)  # the release casts, then divides
+            out = release_tiled_decoder_forward(gen.vae.decoder, z, dec_tile).clamp(-1, 1)
+        elif max(h, w) > dec_tile:
             z = (z_h / gen.scaling_factor).to(gen.vae.dtype)
             out = tiled_decode(gen.vae, z, dec_tile).clamp(-1, 1)
         else:
