@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=0,
                    help="tile size in output pixels for the VAE and UNet (0 = automatic)")  # fmt: skip
     p.add_argument("--tile-overlap", type=int, default=400, help="UNet tile overlap in output pixels (default: 400)")
+    p.add_argument("--max-memory", default=None, metavar="GB",
+                   help="memory budget in GB (or 'auto' = from free memory): tile sizes are chosen so the "
+                        "predicted peak stays under it (docs/memory.md); --tile overrides")  # fmt: skip
     prec = p.add_mutually_exclusive_group()
     for name in PRECISIONS:
         prec.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
@@ -74,12 +77,37 @@ def tile_kwargs(tile: int, overlap: int) -> dict:
     }
 
 
+def processing_size(width: int, height: int, upscale: float) -> tuple[int, int]:
+    """(W, H) the pipeline restores at for an input of ``width × height`` (the release's resize chain)."""
+    from codsr.pipeline.image_processing import release_input_size
+
+    steps = release_input_size(width, height, upscale)
+    return steps[-1][0] if steps else (width, height)
+
+
+def initial_plan(args: argparse.Namespace, pipe, width: int, height: int):
+    """The first tile plan for an image restored at ``width × height``: from ``--tile``,
+    ``--max-memory`` or the pipeline's defaults (the OOM retry shrinks it from there)."""
+    from codsr.pipeline.memory import TilePlan, default_plan, plan_tiles, resolve_budget
+
+    if args.tile > 0:
+        kw = tile_kwargs(args.tile, args.tile_overlap)
+        return TilePlan(kw["vae_encoder_tile_size"], kw["vae_decoder_tile_size"], kw["latent_tile_size"],
+                        kw["latent_tile_overlap"])  # fmt: skip
+    if args.max_memory is not None:
+        budget = resolve_budget(args.max_memory, pipe.device)
+        return plan_tiles(height, width, budget, dtype=pipe.dtype, device=pipe.device,
+                          batched_unet=not args.release_compat)  # fmt: skip
+    return default_plan(height, width)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from codsr.batch import collect_inputs, input_root_for, run_batch
     from codsr.model.base import BASE_MODEL_MIRROR
+    from codsr.pipeline.memory import MemoryBudgetError, resolve_budget, restore_with_oom_retry
     from codsr.pipeline.pipeline import CODSRPipeline, default_device
 
     try:
@@ -92,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     device = torch.device(args.device) if args.device else default_device()
     dtype = _dtype(args.precision, device)
+    try:
+        resolve_budget(args.max_memory, "cpu" if args.max_memory is None else device)
+    except (ValueError, RuntimeError) as e:
+        print(f"codsr upscale: --max-memory: {e}", file=sys.stderr)
+        return 2
     pipe = CODSRPipeline.from_pretrained(
         args.base_model or BASE_MODEL_MIRROR,
         args.checkpoint,
@@ -103,20 +136,33 @@ def run(args: argparse.Namespace) -> int:
         dape_path=args.dape,
         alignment_scale=args.alignment_scale,
     )
-    kwargs = tile_kwargs(args.tile, args.tile_overlap)
-
     def sr(chw, seed: int):
-        return pipe(
-            chw,
-            upscale=args.upscale,
-            prompt=args.prompt,
-            timestep=args.timestep,
-            color_fix=args.color_fix,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-            release_compat=args.release_compat,
-            **kwargs,
-        )
+        width, height = processing_size(chw.shape[-1], chw.shape[-2], args.upscale)
+        try:
+            plan = initial_plan(args, pipe, width, height)
+        except MemoryBudgetError as e:
+            raise RuntimeError(str(e)) from None
+
+        def attempt(tiles: dict):
+            return pipe(
+                chw,
+                upscale=args.upscale,
+                prompt=args.prompt,
+                timestep=args.timestep,
+                color_fix=args.color_fix,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+                release_compat=args.release_compat,
+                **tiles,
+            )
+
+        def on_retry(_err, smaller) -> None:
+            print(f"codsr upscale: out of memory at {width}×{height}; retrying with smaller tiles "
+                  f"(VAE {smaller.vae_encoder_tile}/{smaller.vae_decoder_tile} px, UNet {smaller.latent_tile}, "
+                  f"offload {smaller.offload})", file=sys.stderr)  # fmt: skip
+
+        # On an out-of-memory error the image is retried with smaller tiles instead of failing.
+        return restore_with_oom_retry(attempt, plan, device, on_retry=on_retry)
 
     def process(image, seed: int):
         out = sr(torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1), seed)

@@ -164,6 +164,8 @@ class CODSRPipeline:
         vae_decoder_tile_size: int | None = None,
         release_compat: bool = False,
         prompt_embeds: torch.Tensor | None = None,
+        max_memory: float | str | None = None,
+        vae_offload: str | None = None,
     ) -> torch.Tensor:
         """Restore LQ images already at the output size: B×3×H×W in [-1, 1] → same shape in [-1, 1].
 
@@ -176,10 +178,25 @@ class CODSRPipeline:
         statistics pooled across tiles and exact blending; ``release_compat=True`` runs them one
         by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp) and
         uses the release's approximate tiled VAE (its own trigger: max side > tile + 2·pad).
+
+        Memory: ``max_memory`` (GB, or ``"auto"`` = from free memory) picks the tile sizes not
+        given explicitly so that the predicted peak stays under the budget (docs/memory.md);
+        ``vae_offload`` (``"cpu"``/``"disk"``) parks idle VAE tiles off the device.
         """
         gen = self.generator
         x = _validate_lq(lq)
         b, _, height, width = x.shape
+        if max_memory is not None:
+            from codsr.pipeline.memory import budget_tile_kwargs
+
+            tiles = budget_tile_kwargs(
+                self, tuple(x.shape), max_memory, release_compat=release_compat,
+                vae_encoder_tile_size=vae_encoder_tile_size, vae_decoder_tile_size=vae_decoder_tile_size,
+                latent_tile_size=latent_tile_size, latent_tile_overlap=latent_tile_overlap, vae_offload=vae_offload,
+            )  # fmt: skip
+            vae_encoder_tile_size, vae_decoder_tile_size = tiles["vae_encoder_tile_size"], tiles["vae_decoder_tile_size"]
+            latent_tile_size, latent_tile_overlap = tiles["latent_tile_size"], tiles["latent_tile_overlap"]
+            vae_offload = tiles["vae_offload"]
         x = x.to(self.device, self.dtype)
         t = int(self.default_timestep if timestep is None else timestep)
         if not 0 <= t <= MAX_TIMESTEP:
@@ -197,7 +214,7 @@ class CODSRPipeline:
             h_enc = release_tiled_encoder_forward(gen.vae.encoder, x.to(gen.vae.dtype), enc_tile)
             moments = gen.vae.quant_conv(h_enc.to(gen.vae.quant_conv.weight.dtype))
         elif max(height, width) > enc_tile:
-            moments = tiled_encode_moments(gen.vae, x, enc_tile)
+            moments = tiled_encode_moments(gen.vae, x, enc_tile, offload=vae_offload)
         else:
             moments = gen.encode_moments(x)
         h, w = moments.shape[-2:]
@@ -239,7 +256,7 @@ class CODSRPipeline:
             out = release_tiled_decoder_forward(gen.vae.decoder, z, dec_tile).clamp(-1, 1)
         elif max(h, w) > dec_tile:
             z = (z_h / gen.scaling_factor).to(gen.vae.dtype)
-            out = tiled_decode(gen.vae, z, dec_tile).clamp(-1, 1)
+            out = tiled_decode(gen.vae, z, dec_tile, offload=vae_offload).clamp(-1, 1)
         else:
             out = gen.decode(z_h)
         return out.float()

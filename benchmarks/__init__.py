@@ -1,0 +1,1 @@
+"""Benchmarks of codsr (run as scripts: ``python benchmarks/latency.py --help``)."""
