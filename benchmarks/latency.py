@@ -302,7 +302,10 @@ def benchmark_pipeline(
     if count_flops and flops is None:  # no warm-up: count on an extra, untimed call
         rec = timed_restore(pipe, lq, prompt, seed=0, count_flops=True, **restore_kwargs)
         flops = {s: r.flops for s, r in rec.stages.items()}
-    calls = [timed_restore(pipe, lq, prompt, seed=100 + i, progress=progress, **restore_kwargs) for i in range(repeats)]
+    calls = [
+        timed_restore(pipe, lq, prompt, seed=100 + i, progress=progress, **restore_kwargs)
+        for i in range(repeats)
+    ]
     summary = summarize(calls, flops)
     summary.update({"size": size, "batch": batch, "repeats": repeats, "warmup": warmup})
     return summary
@@ -343,7 +346,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['size']}² output, {result['dtype']} on {result['device']}, batch {result['batch']}, "
         f"median of {result['repeats']} (warm-up {result['warmup']})"
     )
-    rows = [f"{'stage':<14}{'median s':>10}{'share':>8}{'GFLOP':>10}{'GFLOP/s':>10}{'start GB':>10}{'peak GB':>10}"]
+    rows = [
+        f"{'stage':<14}{'median s':>10}{'share':>8}{'GFLOP':>10}{'GFLOP/s':>10}{'start GB':>10}{'peak GB':>10}"
+    ]
     total = result["total"]["median_s"]
     for s in STAGES:
         r = result["stages"][s]
@@ -356,15 +361,21 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(f"{'other':<14}{o:>10.3f}{o / total:>8.1%}")
     t = result["total"]
     gfs = "-" if t["gflops_per_s"] is None else f"{t['gflops_per_s']:.0f}"
-    rows.append(f"{'total':<14}{total:>10.3f}{1:>8.0%}{t['gflop']:>10.0f}{gfs:>10}{'':>10}{_fmt_gb(t['peak_bytes']):>10}")
+    rows.append(
+        f"{'total':<14}{total:>10.3f}{1:>8.0%}{t['gflop']:>10.0f}{gfs:>10}{'':>10}{_fmt_gb(t['peak_bytes']):>10}"
+    )
     ok = "ok" if result["stages_sum_within_tolerance"] else "EXCEEDS 10%"
     rows.append(f"largest |other|/total over the timed calls: {result['max_residual_fraction']:.1%} ({ok})")
     return "\n".join([head, *rows])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes (square, multiples of 8)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes (square, multiples of 8)"
+    )
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--repeats", type=int, default=3)
@@ -406,7 +417,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         pipe = build_sd21_pipeline(tiny=args.tiny, dtype=DTYPES[name], device=device)
         build_s = time.perf_counter() - t0
-        weights = sum(p.numel() * p.element_size() for m in (pipe.generator, pipe.text_encoder) for p in m.parameters())
+        weights = sum(
+            p.numel() * p.element_size() for m in (pipe.generator, pipe.text_encoder) for p in m.parameters()
+        )
         for size in args.sizes:
             extra: dict[str, Any] = {"release_compat": True} if args.release_compat else {}
             plan = None

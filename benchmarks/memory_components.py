@@ -36,7 +36,9 @@ def _opt(parts: list[str], i: int) -> str | None:
     return parts[i] if len(parts) > i and parts[i] != "-" else None
 
 
-def measure(spec: str, modules: dict, dtype: torch.dtype, device: torch.device, meter: PeakMemoryMeter) -> dict:
+def measure(
+    spec: str, modules: dict, dtype: torch.dtype, device: torch.device, meter: PeakMemoryMeter
+) -> dict:
     from codsr.model.lqfm import conv_in_modulation
     from codsr.pipeline.latent_tiling import pooled_group_norm
     from codsr.pipeline.vae_tiling import tiled_decode, tiled_encode_moments
@@ -58,9 +60,17 @@ def measure(spec: str, modules: dict, dtype: torch.dtype, device: torch.device, 
             start = meter.reset()
             t0 = time.perf_counter()
             if kind == "enc":
-                y = vae.quant_conv(vae.encoder(x)) if tile is None else tiled_encode_moments(vae, x, int(tile), offload=offload)
+                y = (
+                    vae.quant_conv(vae.encoder(x))
+                    if tile is None
+                    else tiled_encode_moments(vae, x, int(tile), offload=offload)
+                )
             else:
-                y = vae.decode(x).sample if tile is None else tiled_decode(vae, x, int(tile) // 8, offload=offload)
+                y = (
+                    vae.decode(x).sample
+                    if tile is None
+                    else tiled_decode(vae, x, int(tile) // 8, offload=offload)
+                )
             rec.update(size=size, tile=None if tile is None else int(tile), offload=offload)
         elif kind == "mid":
             # The decoder's latent-resolution part (conv_in + mid-block with global attention),
@@ -78,7 +88,11 @@ def measure(spec: str, modules: dict, dtype: torch.dtype, device: torch.device, 
             t, n = int(tile_s), int(n_s or 1)
             z = torch.randn(n, 4, t, t, generator=g).to(device, dtype)
             scale = (0.1 * torch.randn(n, 320, t, t, generator=g)).to(device, dtype)
-            emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype).expand(n, -1, -1)
+            emb = (
+                torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+                .to(device, dtype)
+                .expand(n, -1, -1)
+            )
             steps = torch.full((n,), 100, device=device)
             start = meter.reset()
             t0 = time.perf_counter()

@@ -129,8 +129,12 @@ def test_flop_counter_counts_cpu_attention(latency):
 def test_summary_medians_and_residual(latency):
     S = latency.StageRecord
     calls = [
-        latency.CallRecord(10.0, {s: S(seconds=1.0 + i, calls=1, peak_bytes=100 * i) for i, s in enumerate(latency.STAGES)}),
-        latency.CallRecord(12.0, {s: S(seconds=3.0 + i, calls=1, peak_bytes=50) for i, s in enumerate(latency.STAGES)}),
+        latency.CallRecord(
+            10.0, {s: S(seconds=1.0 + i, calls=1, peak_bytes=100 * i) for i, s in enumerate(latency.STAGES)}
+        ),
+        latency.CallRecord(
+            12.0, {s: S(seconds=3.0 + i, calls=1, peak_bytes=50) for i, s in enumerate(latency.STAGES)}
+        ),
     ]
     out = latency.summarize(calls, {"unet": 4 * 10**9})
     assert out["stages"]["text_encoding"]["median_s"] == 2.0  # median of 1 and 3

@@ -87,7 +87,12 @@ def test_memory_model_formulas_by_hand():
 
 def test_plan_with_room_to_spare_is_the_untiled_default():
     plan = plan_tiles(512, 512, budget=64 * GB, dtype=torch.bfloat16, resident=3 * GB)
-    assert (plan.vae_encoder_tile, plan.vae_decoder_tile, plan.latent_tile, plan.offload) == (None, None, 150, None)
+    assert (plan.vae_encoder_tile, plan.vae_decoder_tile, plan.latent_tile, plan.offload) == (
+        None,
+        None,
+        150,
+        None,
+    )
     assert 3 * GB < plan.predicted_peak < 64 * GB
 
 
@@ -114,7 +119,9 @@ def test_tighter_budgets_give_smaller_tiles_then_offload_and_stay_under_budget()
                       batched_unet=False)  # fmt: skip
     assert cuda.offload == "cpu"  # on a GPU they go to host memory
     with pytest.raises(MemoryBudgetError, match="4096×4096"):
-        plan_tiles(4096, 4096, budget=int(floor * 0.95), dtype=torch.bfloat16, resident=resident, batched_unet=False)
+        plan_tiles(
+            4096, 4096, budget=int(floor * 0.95), dtype=torch.bfloat16, resident=resident, batched_unet=False
+        )
 
 
 def test_batched_unet_tiles_cost_the_whole_latent():
@@ -130,7 +137,12 @@ def test_shrink_plan_halves_and_offloads_until_minimal():
     plan = default_plan(2048, 2048)
     assert (plan.vae_encoder_tile, plan.vae_decoder_tile, plan.latent_tile) == (1024, 1792, 150)
     small = shrink_plan(plan, "cuda")
-    assert (small.vae_encoder_tile, small.vae_decoder_tile, small.latent_tile, small.offload) == (512, 896, 72, "cpu")
+    assert (small.vae_encoder_tile, small.vae_decoder_tile, small.latent_tile, small.offload) == (
+        512,
+        896,
+        72,
+        "cpu",
+    )
     assert small.latent_overlap == 24
     steps = 0
     while small is not None:

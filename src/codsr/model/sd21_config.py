@@ -56,7 +56,12 @@ SD21_UNET_CONFIG: dict[str, Any] = {
     "center_input_sample": False,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "only_cross_attention": False,
@@ -108,9 +113,18 @@ SD21_TEXT_CONFIG: dict[str, Any] = {
 
 # Small widths, same structure (tests). UNet heads keep SD's 1:2:4:4 ratio with 32-wide heads.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
-    "unet": {"block_out_channels": [32, 64, 128, 128], "attention_head_dim": [1, 2, 4, 4], "cross_attention_dim": 64},
+    "unet": {
+        "block_out_channels": [32, 64, 128, 128],
+        "attention_head_dim": [1, 2, 4, 4],
+        "cross_attention_dim": 64,
+    },
     "vae": {"block_out_channels": [32, 64, 128, 128]},
-    "text_encoder": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "projection_dim": 32},
+    "text_encoder": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "projection_dim": 32,
+    },
 }
 
 
@@ -181,7 +195,10 @@ def empty_sd21_modules(tiny: bool = False) -> dict[str, nn.Module]:
     cfg = sd21_configs(tiny)
     vocab = byte_level_vocab()
     text_cfg = CLIPTextConfig(
-        bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[PAD_TOKEN], **cfg["text_encoder"]
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=vocab[PAD_TOKEN],
+        **cfg["text_encoder"],
     )
     with init_empty_weights(include_buffers=False):
         return {

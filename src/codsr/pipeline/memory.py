@@ -113,7 +113,9 @@ class PeakMemoryMeter:
     def method(self) -> str:
         if self.cuda:
             return "torch.cuda.max_memory_allocated"
-        return "VmHWM (reset via /proc/self/clear_refs)" if self.resettable else "ru_maxrss (process lifetime)"
+        return (
+            "VmHWM (reset via /proc/self/clear_refs)" if self.resettable else "ru_maxrss (process lifetime)"
+        )
 
     def current(self) -> int:
         if self.cuda:
@@ -260,7 +262,13 @@ class MemoryModel:
         return self.image_per_px * height * width + self.latent_per_px * height * width / 64 * bytes_per_el
 
     def peak(
-        self, plan: TilePlan, height: int, width: int, bytes_per_el: int, batched_unet: bool = True, batch: int = 1
+        self,
+        plan: TilePlan,
+        height: int,
+        width: int,
+        bytes_per_el: int,
+        batched_unet: bool = True,
+        batch: int = 1,
     ) -> float:
         """Predicted peak above resident memory for ``batch`` images of ``height × width`` output pixels."""
         enc = self.encode(height, width, bytes_per_el, plan.vae_encoder_tile, plan.offload is not None)
@@ -393,9 +401,13 @@ def plan_tiles(
         if fits(model.unet(_unet_latent_px(height // 8, width // 8, probe, batched_unet), b)):
             latent = t
             break
-    smallest = TilePlan(_VAE_TILES[-1], _VAE_TILES[-1], _LATENT_TILES[-1], _latent_overlap(_LATENT_TILES[-1]),
-                        offload_target if allow_offload else None)  # fmt: skip
     if enc is None or dec is None or latent is None:
+        # The cheapest configuration: smallest VAE tiles, and the UNet tile with the fewest latent
+        # pixels at once (with batched tiles that is not the smallest tile: overlaps add up).
+        cheapest_unet = min(_LATENT_TILES, key=lambda t: _unet_latent_px(
+            height // 8, width // 8, TilePlan(None, None, t, _latent_overlap(t)), batched_unet))  # fmt: skip
+        smallest = TilePlan(_VAE_TILES[-1], _VAE_TILES[-1], cheapest_unet, _latent_overlap(cheapest_unet),
+                            offload_target if allow_offload else None)  # fmt: skip
         need = resident + model.peak(smallest, height, width, b, batched_unet, batch)
         parts = [n for n, ok in (("VAE encoder", enc), ("VAE decoder", dec), ("UNet", latent)) if ok is None]
         raise MemoryBudgetError(
@@ -452,7 +464,9 @@ def budget_tile_kwargs(
     if device.type == "cpu":
         limit_heap_fragmentation()  # the memory model was measured this way
     budget = resolve_budget(max_memory, device)
-    plan = plan_tiles(height, width, budget, dtype=pipe.dtype, device=device, batch=b, batched_unet=batched_unet)
+    plan = plan_tiles(
+        height, width, budget, dtype=pipe.dtype, device=device, batch=b, batched_unet=batched_unet
+    )
     logger.info("memory plan for %d×%d×%d: %s", b, height, width, plan)
     kw = plan.restore_kwargs()
     if release_compat:
