@@ -314,3 +314,22 @@ def test_cli_max_memory_flag(tmp_path, parity_dir, capsys):
     assert np.array_equal(auto, np.asarray(Image.open(tmp_path / "plain" / "a.png")))
     assert main([*common, "-o", str(tmp_path / "bad"), "--max-memory", "lots"]) == 2
     assert "--max-memory" in capsys.readouterr().err
+
+
+def test_budget_too_small_for_the_batched_unet_falls_back_to_sequential_tiles(tiny_pipeline, monkeypatch):
+    # A model where the batched UNet (pooled GroupNorm, whole latent at once) cannot fit but one
+    # tile at a time can: the plan switches to sequential UNet tiles instead of failing.
+    model = MemoryModel(enc_untiled=10.0, dec_untiled=10.0, enc_tile=10.0, dec_tile=10.0, vae_latent=10.0,
+                        unet_per_latent_px=8e4, unet_const=0, image_per_px=1.0, latent_per_px=1.0)  # fmt: skip
+    monkeypatch.setattr(memory, "DEFAULT_MODEL", model)
+    lq = _lq(384)
+    budget = (memory.resident_bytes("cpu") + 0.5 * GB) / GB
+    with pytest.raises(MemoryBudgetError):
+        memory.plan_tiles(384, 384, budget * GB, dtype=torch.float32, device=torch.device("cpu"), batched_unet=True)
+    with pytest.warns(UserWarning, match="one by one"):
+        kw = memory.budget_tile_kwargs(tiny_pipeline, tuple(lq.shape), budget)
+    assert kw["sequential_unet"] is True
+    assert kw["latent_tile_size"] < 48  # tiled: 384 px = 48 latent px
+    with pytest.warns(UserWarning, match="one by one"):
+        out = tiny_pipeline.restore(lq, generator=torch.Generator().manual_seed(1), max_memory=budget)
+    assert out.shape == lq.shape and torch.isfinite(out).all()

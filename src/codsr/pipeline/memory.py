@@ -464,11 +464,26 @@ def budget_tile_kwargs(
     if device.type == "cpu":
         limit_heap_fragmentation()  # the memory model was measured this way
     budget = resolve_budget(max_memory, device)
-    plan = plan_tiles(
-        height, width, budget, dtype=pipe.dtype, device=device, batch=b, batched_unet=batched_unet
-    )
+    try:
+        plan = plan_tiles(
+            height, width, budget, dtype=pipe.dtype, device=device, batch=b, batched_unet=batched_unet
+        )
+        sequential_unet = not batched_unet
+    except MemoryBudgetError:
+        if not batched_unet:
+            raise
+        # The batched UNet (pooled GroupNorm) grows with the image: fall back to one tile at a
+        # time, which is bounded, at the price of per-tile GroupNorm statistics.
+        plan = plan_tiles(height, width, budget, dtype=pipe.dtype, device=device, batch=b, batched_unet=False)
+        sequential_unet = True
+        warnings.warn(
+            f"max_memory={max_memory}: the UNet tiles run one by one to fit the budget, each with its own "
+            "GroupNorm statistics (small tile-to-tile shifts are possible; docs/memory.md)",
+            stacklevel=3,
+        )
     logger.info("memory plan for %d×%d×%d: %s", b, height, width, plan)
     kw = plan.restore_kwargs()
+    kw["sequential_unet"] = sequential_unet
     if release_compat:
         warnings.warn(
             "max_memory with release_compat=True: the release's tiled VAE is not covered by the memory model "

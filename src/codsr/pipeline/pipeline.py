@@ -185,6 +185,7 @@ class CODSRPipeline:
         """
         gen = self.generator
         x = _validate_lq(lq)
+        sequential_unet = False
         b, _, height, width = x.shape
         if max_memory is not None:
             from codsr.pipeline.memory import budget_tile_kwargs
@@ -197,6 +198,7 @@ class CODSRPipeline:
             vae_encoder_tile_size, vae_decoder_tile_size = tiles["vae_encoder_tile_size"], tiles["vae_decoder_tile_size"]
             latent_tile_size, latent_tile_overlap = tiles["latent_tile_size"], tiles["latent_tile_overlap"]
             vae_offload = tiles["vae_offload"]
+            sequential_unet = tiles["sequential_unet"]
         x = x.to(self.device, self.dtype)
         t = int(self.default_timestep if timestep is None else timestep)
         if not 0 <= t <= MAX_TIMESTEP:
@@ -243,8 +245,8 @@ class CODSRPipeline:
         tile = DEFAULT_LATENT_TILE if latent_tile_size is None else int(latent_tile_size)
         overlap = DEFAULT_LATENT_OVERLAP if latent_tile_overlap is None else int(latent_tile_overlap)
         overlap = min(overlap, max(0, min(tile, h, w) - 1))
-        if release_compat:
-            eps = tiled_noise_prediction(predict, shape, tile, overlap, True, self.device)
+        if release_compat or sequential_unet:
+            eps = tiled_noise_prediction(predict, shape, tile, overlap, release_compat, self.device)
         else:
             eps = batched_noise_prediction(predict_batch, shape, tile, overlap, gen.unet, self.device)
         unet_inputs.clear()
