@@ -426,10 +426,13 @@ class Stage1Trainer(BaseTrainer):
             "training_step": step,
         }
 
+    # File-name stem of exported checkpoints (Stage2Trainer: "codsr_stage2").
+    checkpoint_stem = "codsr_stage1"
+
     def export(self, step: int, final: bool) -> list[Path]:
         """CODSR checkpoints of ``step`` under ``<output_dir>/checkpoints/`` (release ``.pkl``
         and/or ``.safetensors``; ``_ema`` copies with EMA); the final one is also copied to
-        ``<output_dir>/codsr_stage1.<ext>``."""
+        ``<output_dir>/<checkpoint_stem>.<ext>``."""
         fmt = self.config.checkpoint.format
         exts = {"pkl": [".pkl"], "safetensors": [".safetensors"], "both": [".pkl", ".safetensors"]}[fmt]
         variants = [("", False)] + ([("_ema", True)] if self.ema is not None else [])
@@ -444,11 +447,11 @@ class Stage1Trainer(BaseTrainer):
                     self.ema.swap()
             for ext in exts:
                 path = ckpt.save(
-                    self.output_dir / "checkpoints" / f"codsr_stage1_step{step:06d}{suffix}{ext}"
+                    self.output_dir / "checkpoints" / f"{self.checkpoint_stem}_step{step:06d}{suffix}{ext}"
                 )
                 written.append(path)
                 if final:
-                    final_path = self.output_dir / f"codsr_stage1{suffix}{ext}"
+                    final_path = self.output_dir / f"{self.checkpoint_stem}{suffix}{ext}"
                     shutil.copyfile(path, final_path)
                     written.append(final_path)
         return written

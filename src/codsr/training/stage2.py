@@ -29,7 +29,6 @@ so every trainable tensor gets a gradient in every backward and DDP needs no
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -449,32 +448,9 @@ class Stage2Trainer(Stage1Trainer):
             "init_checkpoint": str(cfg.model.init_checkpoint),
         }
 
-    def export(self, step: int, final: bool) -> list[Path]:
-        """Stage-2 checkpoints (release ``.pkl`` with the ``*_alignment`` adapters and the
-        ``_default``/``_sam`` module lists, and/or ``.safetensors``) under ``<output_dir>/checkpoints/``;
-        the final one is also copied to ``<output_dir>/codsr_stage2.<ext>``."""
-        fmt = self.config.checkpoint.format
-        exts = {"pkl": [".pkl"], "safetensors": [".safetensors"], "both": [".pkl", ".safetensors"]}[fmt]
-        variants = [("", False)] + ([("_ema", True)] if self.ema is not None else [])
-        written: list[Path] = []
-        for suffix, use_ema in variants:
-            if use_ema:
-                self.ema.swap()
-            try:
-                ckpt = self.generator.export_checkpoint({**self.checkpoint_metadata(step), "ema": use_ema})
-            finally:
-                if use_ema:
-                    self.ema.swap()
-            for ext in exts:
-                path = ckpt.save(
-                    self.output_dir / "checkpoints" / f"codsr_stage2_step{step:06d}{suffix}{ext}"
-                )
-                written.append(path)
-                if final:
-                    final_path = self.output_dir / f"codsr_stage2{suffix}{ext}"
-                    shutil.copyfile(path, final_path)
-                    written.append(final_path)
-        return written
+    # Exported like stage 1 (Stage1Trainer.export); the checkpoints carry the ``*_alignment``
+    # adapters and the ``_default``/``_sam`` module lists of the release's stage-2 format.
+    checkpoint_stem = "codsr_stage2"
 
     @torch.no_grad()
     def restore(self, lq_m11: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
