@@ -145,7 +145,6 @@ class Stage1Trainer(BaseTrainer):
     def build_models(self) -> None:
         from codsr.model.base import load_base_components
         from codsr.model.checkpoint import load_checkpoint
-        from codsr.training.losses import ReconstructionLoss
 
         cfg = self.config
         comps = load_base_components(cfg.model.base_model, revision=cfg.model.revision)
@@ -167,17 +166,7 @@ class Stage1Trainer(BaseTrainer):
         if cfg.train.gradient_checkpointing:
             gen.unet.enable_gradient_checkpointing()
             gen.vae.enable_gradient_checkpointing()
-        self.generator = gen
-        self.model = Stage1Network(gen)
-        self.text_encoder = comps.text_encoder.requires_grad_(False).eval().to(self.device)
-        self.tokenizer = comps.tokenizer
-        lo = cfg.loss
-        self.loss_fn = ReconstructionLoss(
-            lo.mse_weight,
-            lo.lpips_weight,
-            pretrained_backbone=lo.lpips_pretrained,
-            vgg_weights=lo.vgg_weights,
-        ).to(self.device)
+        self._attach_generator(gen, comps)
         if cfg.gan.enabled:
             self._build_discriminator()
         if cfg.data.degrade_in == "batch":
@@ -425,6 +414,24 @@ class Stage1Trainer(BaseTrainer):
             "training_stage": 1,
             "training_step": step,
         }
+
+    def _attach_generator(self, gen: CODSRGenerator, comps) -> None:
+        """Shared by both stages: the generator, its DDP-wrapped network, the frozen text
+        encoder and the reconstruction loss (1·MSE + 2·LPIPS)."""
+        from codsr.training.losses import ReconstructionLoss
+
+        cfg = self.config
+        self.generator = gen
+        self.model = Stage1Network(gen)
+        self.text_encoder = comps.text_encoder.requires_grad_(False).eval().to(self.device)
+        self.tokenizer = comps.tokenizer
+        lo = cfg.loss
+        self.loss_fn = ReconstructionLoss(
+            lo.mse_weight,
+            lo.lpips_weight,
+            pretrained_backbone=lo.lpips_pretrained,
+            vgg_weights=lo.vgg_weights,
+        ).to(self.device)
 
     # File-name stem of exported checkpoints (Stage2Trainer: "codsr_stage2").
     checkpoint_stem = "codsr_stage1"

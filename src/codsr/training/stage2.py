@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from codsr.model.generator import CODSRGenerator
 from codsr.training.config import ConfigError, TrainConfig
-from codsr.training.stage1 import Stage1Network, Stage1Trainer
+from codsr.training.stage1 import Stage1Trainer
 from codsr.training.trainer import TrainingStateError
 
 __all__ = [
@@ -152,7 +152,6 @@ class Stage2Trainer(Stage1Trainer):
         from codsr.model.checkpoint import load_checkpoint
         from codsr.stage2.attention import CrossAttentionCapture
         from codsr.stage2.tmg import TMGLoss
-        from codsr.training.losses import ReconstructionLoss
 
         self._check_config()
         cfg = self.config
@@ -175,17 +174,7 @@ class Stage2Trainer(Stage1Trainer):
             # before accelerator.prepare: it patches the UNet's processors in place
             self.capture = CrossAttentionCapture(gen.unet, layers=t.layers)
             self.tmg = TMGLoss(comps.tokenizer, t.area_weight, t.bce_weight, t.min_mask_pixels)
-        self.generator = gen
-        self.model = Stage1Network(gen)
-        self.text_encoder = comps.text_encoder.requires_grad_(False).eval().to(self.device)
-        self.tokenizer = comps.tokenizer
-        lo = cfg.loss
-        self.loss_fn = ReconstructionLoss(
-            lo.mse_weight,
-            lo.lpips_weight,
-            pretrained_backbone=lo.lpips_pretrained,
-            vgg_weights=lo.vgg_weights,
-        ).to(self.device)
+        self._attach_generator(gen, comps)
         if cfg.vsd.weight > 0:
             unet = load_base_components(
                 cfg.model.base_model, revision=cfg.model.revision, components=("unet",)
