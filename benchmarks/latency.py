@@ -1,6 +1,6 @@
 """Latency and peak-memory benchmark of CODSR inference on the full-size SD 2.1-base architecture.
 
-Weights are random (``codsr.model.sd21_config``; nothing is downloaded), so the cost is that of the
+Weights are random (``codsr.testing.sd21``; nothing is downloaded), so the cost is that of the
 real model: CLIP ViT-H text tower, VAE, 865 M-parameter UNet, SFT; LoRA merged as at inference.
 Each measurement is ONE real ``CODSRPipeline.restore`` call whose stage functions are wrapped on
 the instance with timers and memory meters:
@@ -47,7 +47,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from codsr.pipeline.memory import PeakMemoryMeter  # noqa: E402
+from codsr.hostmem import PeakMemoryMeter  # noqa: E402
 
 SCHEMA_VERSION = 1
 STAGES: tuple[str, ...] = ("text_encoding", "vae_encode", "rgpa_sft", "unet", "vae_decode")
@@ -55,6 +55,10 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 DEFAULT_PROMPT = "a photo of a cat sitting on a wooden bench, grass, tree, sky, high quality,"
 # The stage sums must match the end-to-end time within this fraction (checked and reported).
 RESIDUAL_TOLERANCE = 0.10
+
+
+class StageMissingError(RuntimeError):
+    """A stage the benchmark times is not where it looks for it, or was never called."""
 
 
 @dataclass
@@ -150,28 +154,37 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def instrument(pipe: Any, timer: StageTimer) -> Iterator[StageTimer]:
-    """Wrap the stage functions of ``pipe`` (on the instance, and the tiled VAE functions that
-    ``restore`` looks up in its module) with ``timer`` for the duration of the block."""
-    import codsr.pipeline.pipeline as pipeline_module
+    """Wrap the stage functions of ``pipe`` (on the instance, and the tiled VAE functions that the
+    pipeline's tiled stages look up in their module) with ``timer`` for the duration of the block.
 
-    gen = pipe.generator
+    Raises :class:`StageMissingError` when one of them no longer exists: a benchmark that silently
+    stopped timing a stage would report wrong shares.
+    """
+    import codsr.pipeline.tiled_stages as stages_module
+
+    model = pipe.generator
     targets = [
         (pipe, "encode_prompt", "text_encoding"),
-        (gen, "encode_moments", "vae_encode"),
-        (pipeline_module, "tiled_encode_moments", "vae_encode"),
-        (gen, "noisy_latent", "rgpa_sft"),
-        (gen, "modulation", "rgpa_sft"),
-        (gen, "predict_noise", "unet"),
-        (gen, "decode", "vae_decode"),
-        (pipeline_module, "tiled_decode", "vae_decode"),
+        (model, "encode_moments", "vae_encode"),
+        (stages_module, "tiled_encode_moments", "vae_encode"),
+        (model, "noisy_latent", "rgpa_sft"),
+        (model, "modulation", "rgpa_sft"),
+        (model, "predict_noise", "unet"),
+        (model, "decode", "vae_decode"),
+        (stages_module, "tiled_decode", "vae_decode"),
         # release_compat=True runs the release's approximate tiled VAE instead
-        (pipeline_module, "release_tiled_encoder_forward", "vae_encode"),
-        (pipeline_module, "release_tiled_decoder_forward", "vae_decode"),
+        (stages_module, "release_tiled_encoder_forward", "vae_encode"),
+        (stages_module, "release_tiled_decoder_forward", "vae_decode"),
     ]
+    missing = [f"{getattr(obj, '__name__', type(obj).__name__)}.{name}" for obj, name, _ in targets
+               if not hasattr(obj, name)]  # fmt: skip
+    if missing:
+        raise StageMissingError(
+            f"cannot instrument {', '.join(missing)}: the pipeline no longer has these stage functions; "
+            "update benchmarks/latency.py (instrument) to the pipeline's stages"
+        )
     with contextlib.ExitStack() as stack:
         for obj, name, stage in targets:
-            if not hasattr(obj, name):  # an older/newer pipeline without this path
-                continue
             stack.enter_context(_patched(obj, name, timer.wrap(stage, getattr(obj, name))))
         yield timer
 
@@ -221,6 +234,12 @@ def timed_restore(
         total = time.perf_counter() - t0
     if not torch.isfinite(out).all():
         raise RuntimeError("the benchmarked restore produced NaN/Inf: the random weights are not sane")
+    never = [s for s, r in timer.records.items() if r.calls == 0]
+    if never:
+        raise StageMissingError(
+            f"stage(s) {', '.join(never)} were never called during restore(): the instrumented functions no "
+            "longer are the ones restore runs; update benchmarks/latency.py (instrument)"
+        )
     peak = max(timer.call_peak, timer.meter.peak())
     return CallRecord(total, timer.records, peak)
 
@@ -383,7 +402,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--max-memory", default=None, help="pass max_memory (GB or 'auto') to restore")
+    p.add_argument("--max-memory", default=None,
+                   help="plan tiles under this budget (GB or 'auto') with the library's planner (docs/memory.md)")  # fmt: skip
     p.add_argument("--release-compat", action="store_true",
                    help="UNet tiles one by one as the release (default: one batch with pooled GroupNorm)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny widths, same structure (smoke test)")
@@ -397,13 +417,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from codsr.model.sd21_config import build_sd21_pipeline
+    from codsr.hostmem import limit_heap_fragmentation
+    from codsr.pipeline import tiling
+    from codsr.testing.sd21 import build_sd21_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    if args.max_memory and device.type == "cpu":
+        limit_heap_fragmentation()  # the glibc setting the memory model was measured with, as the CLI does
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "codsr restore latency/memory, full-size SD 2.1-base, random weights",
@@ -421,24 +445,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             p.numel() * p.element_size() for m in (pipe.generator, pipe.text_encoder) for p in m.parameters()
         )
         for size in args.sizes:
-            extra: dict[str, Any] = {"release_compat": True} if args.release_compat else {}
-            plan = None
-            if args.max_memory:
-                from codsr.pipeline.memory import limit_heap_fragmentation, plan_tiles, resolve_budget
-
-                extra["max_memory"] = args.max_memory
-                if device.type == "cpu":
-                    limit_heap_fragmentation()  # as restore does under a budget
-                # What restore will choose (it plans again itself, from the memory in use then).
-                plan = plan_tiles(size, size, resolve_budget(args.max_memory, device), dtype=DTYPES[name],
-                                  device=device, batch=args.batch, batched_unet=not args.release_compat).as_dict()  # fmt: skip
-                print(f"memory plan for {size}²: {plan}", flush=True)
+            # The plan is built here, once, and passed to every call: the benchmark runs the plan it reports.
+            plan = tiling.plan(size, size, device=device, dtype=DTYPES[name], max_memory=args.max_memory,
+                               batch=args.batch, release_compat=args.release_compat)  # fmt: skip
+            print(f"tile plan for {size}²: {plan.describe()}", flush=True)
             res = benchmark_pipeline(
                 pipe, size, repeats=args.repeats, warmup=args.warmup, count_flops=not args.no_flops,
-                batch=args.batch, progress=args.progress, **extra,
+                batch=args.batch, progress=args.progress, tile_plan=plan, release_compat=args.release_compat,
             )  # fmt: skip
             res.update({"dtype": name, "device": str(device), "weights_bytes": weights, "build_s": build_s,
-                        "memory_plan": plan, "release_compat": args.release_compat})  # fmt: skip
+                        "memory_plan": plan.as_dict(), "release_compat": args.release_compat})  # fmt: skip
             results["results"].append(res)
             print(format_table(res), flush=True)
             print(flush=True)
@@ -448,7 +464,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    results = run(args)
+    try:
+        results = run(args)
+    except StageMissingError as e:
+        print(f"latency.py: error: {e}", file=sys.stderr)
+        return 3
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

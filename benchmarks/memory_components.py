@@ -1,6 +1,6 @@
 """Peak memory of single inference components on the full-size SD 2.1-base (random weights).
 
-Measures what ``codsr.pipeline.memory.MemoryModel`` is fitted to, one component at a time, in
+Measures what ``codsr.pipeline.tiling.MemoryModel`` is fitted to, one component at a time, in
 one process (the peak is reset between measurements): the VAE encoder / decoder untiled, tiled
 with tiles on the device, or tiled with idle tiles offloaded; the UNet on one tile or on a batch
 of tiles with pooled GroupNorm statistics (the pipeline's default tiled path). Each line of output
@@ -27,7 +27,7 @@ from collections.abc import Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from codsr.pipeline.memory import PeakMemoryMeter, limit_heap_fragmentation  # noqa: E402
+from codsr.hostmem import PeakMemoryMeter, limit_heap_fragmentation  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,7 +115,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from codsr.model.sd21_config import empty_sd21_modules, materialize_random
+    from codsr.testing.sd21 import empty_sd21_modules, materialize_random
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("specs", nargs="+")

@@ -11,7 +11,7 @@
    LQFM, LoRA on VAE encoder + UNet, MSE loss) on the same HR images;
 4. evaluates held-out DRealSR ×4 pairs at the tiny model's scale: the centre 128² of each HQ image
    and the matching centre 32² of its LQ image, bicubic-upsampled ×4 (the pipeline's resize), then
-   Y-PSNR (BT.601, SPEC §10) of the one-step output at t = 100, at step 0, during training and at
+   Y-PSNR (BT.601, docs/method.md#evaluation) of the one-step output at t = 100, at step 0, during training and at
    the end (the final number through ``CODSRPipeline`` loading the release-format ``.pkl``).
    References: bicubic; the pre-trained tiny VAE's reconstruction of the HQ crop (roughly what the
    frozen decoder reaches with the pre-trained encoder) and of the bicubic input (an "identity"
@@ -166,8 +166,8 @@ def save_grid(rows: list[list[torch.Tensor]], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from codsr.model.base import load_base_components
-    from codsr.model.tiny import save_tiny_model
     from codsr.pipeline.pipeline import CODSRPipeline
+    from codsr.testing.tiny_sd21 import save_tiny_model
     from codsr.training.config import load_config
     from codsr.training.stage1 import Stage1Trainer
     from codsr.training.trainer_utils import read_metrics

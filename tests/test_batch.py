@@ -21,7 +21,7 @@ from codsr.batch import (
     sniff_image_format,
 )
 from codsr.imageio import read_image
-from conftest import shared_path
+from conftest import FIXTURES
 
 
 def save(
@@ -87,9 +87,13 @@ def test_collect_file_glob_and_missing(messy_folder):
 
 
 def test_collect_real_folder_and_sniffing():
-    root = shared_path("data", "real_lq")
+    root = FIXTURES / "real_lq"
     found = collect_inputs(root, recursive=True)
-    assert len(found) == 56 and not any(p.suffix == ".txt" for p in found)
+    assert [p.relative_to(root).as_posix() for p in found] == [
+        "Real47/36.png", "Real47/53.jpeg", "Real47/54.jpeg", "RealESRGAN_inputs/00003.png",
+        "RealESRGAN_inputs/00017_gray.png", "RealESRGAN_inputs/children-alpha.png",
+        "RealESRGAN_inputs/tree_alpha_16bit.png", "RealESRGAN_inputs/wolf_gray.jpg",
+    ]  # fmt: skip  (the licence .txt files are not inputs)
     assert sniff_image_format(root / "Real47" / "36.png") == "JPEG"
     assert sniff_image_format(root / "Real47" / "54.jpeg") == "PNG"
     assert sniff_image_format(root / "Real47" / "LICENSE.DiffBIR.txt") is None
@@ -101,7 +105,7 @@ def test_collect_real_folder_and_sniffing():
 
 
 def test_output_path_rules():
-    lq = shared_path("data", "real_lq")
+    lq = FIXTURES / "real_lq"
     esr, r47 = lq / "RealESRGAN_inputs", lq / "Real47"
     out = Path("/out")
     assert output_path_for(r47 / "36.png", lq, out) == out / "Real47" / "36.jpg"  # JPEG content

@@ -1,4 +1,4 @@
-"""benchmarks/latency.py and the full-size SD 2.1-base config builder (codsr.model.sd21_config)."""
+"""benchmarks/latency.py and the full-size SD 2.1-base config builder (codsr.testing.sd21)."""
 
 import importlib.util
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codsr.model.sd21_config import (
+from codsr import TilePlan
+from codsr.testing.sd21 import (
     build_sd21_components,
     empty_sd21_modules,
     materialize_random,
@@ -87,8 +88,8 @@ def test_random_components_run_in_bfloat16():
     assert emb.shape == (1, 77, 64) and torch.isfinite(emb.float()).all()
 
 
-def test_stage_instrumentation_adds_up_to_one_restore_call(latency, tiny_pipeline, parity_case):
-    lq = parity_case("untiled")["lq"]
+def test_stage_instrumentation_adds_up_to_one_restore_call(latency, tiny_pipeline):
+    lq = latency.synthetic_lq(64)
     rec = latency.timed_restore(tiny_pipeline, lq, "a cat", seed=0, count_flops=True)
     assert set(rec.stages) == set(latency.STAGES)
     assert all(r.calls >= 1 and r.seconds > 0 for r in rec.stages.values())
@@ -108,14 +109,35 @@ def test_stage_instrumentation_adds_up_to_one_restore_call(latency, tiny_pipelin
 
 def test_instrumentation_covers_tiled_vae_and_unet_tiles(latency, tiny_pipeline):
     lq = latency.synthetic_lq(128)
-    rec = latency.timed_restore(
-        tiny_pipeline, lq, "a cat", vae_encoder_tile_size=64, vae_decoder_tile_size=64, latent_tile_size=8,
-        latent_tile_overlap=2, release_compat=True,
-    )  # fmt: skip
+    plan = TilePlan(latent_tile=8, latent_overlap=2, vae_encoder_tile=64, vae_decoder_tile=64)
+    rec = latency.timed_restore(tiny_pipeline, lq, "a cat", tile_plan=plan, release_compat=True)
     # 16×16 latent, tiles of 8 with overlap 2 -> 3×3 UNet calls one by one (release_compat)
     assert rec.stages["unet"].calls == 9
     assert rec.stages["vae_encode"].calls == 1 and rec.stages["vae_decode"].calls == 1
     assert abs(rec.other_seconds) <= 0.10 * rec.total_seconds
+
+
+def test_a_missing_stage_fails_loudly(latency, tiny_pipeline, monkeypatch, capsys):
+    import codsr.pipeline.tiled_stages as stages_module
+
+    # A stage function the benchmark wraps no longer exists: instrumenting fails, naming it.
+    monkeypatch.delattr(stages_module, "tiled_decode")
+    with pytest.raises(latency.StageMissingError, match="tiled_decode"):
+        with latency.instrument(tiny_pipeline, latency.StageTimer(torch.device("cpu"))):
+            pass
+    monkeypatch.undo()
+    # A wrapped stage that restore no longer calls: the timed call fails instead of reporting 0 s.
+    gen = tiny_pipeline.generator
+    monkeypatch.setattr(tiny_pipeline, "restore", lambda lq, **kw: gen.decode(torch.zeros(1, 4, 8, 8)))
+    with pytest.raises(latency.StageMissingError, match="text_encoding, vae_encode, rgpa_sft, unet"):
+        latency.timed_restore(tiny_pipeline, latency.synthetic_lq(64))
+    # ... and the script exits non-zero with the message.
+    def broken_run(args):
+        raise latency.StageMissingError("stage(s) unet were never called")
+
+    monkeypatch.setattr(latency, "run", broken_run)
+    assert latency.main(["--tiny", "--sizes", "64"]) == 3
+    assert "unet were never called" in capsys.readouterr().err
 
 
 def test_flop_counter_counts_cpu_attention(latency):

@@ -7,14 +7,17 @@ from codsr.model.checkpoint import CheckpointError, CODSRCheckpoint, load_checkp
 
 
 @pytest.fixture(scope="module")
-def release(parity_dir):
-    return load_checkpoint(parity_dir / "codsr_tiny.pkl")
+def release(tiny_model_dir):
+    """The tiny model's synthetic stage-2 checkpoint, written in the release's format."""
+    return load_checkpoint(tiny_model_dir / "codsr_tiny.pkl")
 
 
 def test_release_checkpoint_loads(release):
     assert release.stage == 2 and release.has_alignment
     assert (release.rank_vae, release.rank_unet) == (4, 16)
-    assert len(release.unet_lora) == 272 and len(release.vae_lora) == 62
+    n_unet = sum(len(set(m)) for m in release.unet_lora_modules.values())
+    assert len(release.unet_lora) == 2 * 2 * n_unet  # A and B, stage-1 and alignment adapters
+    assert len(release.vae_lora) == 2 * 31 and len(release.vae_lora_modules) == 63  # the release's duplicates
     assert sorted(release.unet_extra) == sorted(
         ["conv_in.base_layer.weight", "conv_in.base_layer.bias", "conv_out.base_layer.weight", "conv_out.base_layer.bias"]
     )
@@ -39,11 +42,17 @@ def test_round_trip_safetensors_and_release(release, tmp_path):
             assert again[key] == orig[key], key
 
 
-def test_release_dict_keys_are_the_release_layout(release, parity_dir):
+def test_release_fixture_checkpoint_round_trips_to_the_release_layout(parity_dir):
+    """The checkpoint made in the release's own format (release-parity fixture) reads and writes back unchanged."""
+    release = load_checkpoint(parity_dir / "codsr_tiny.pkl")
+    assert release.stage == 2 and (release.rank_vae, release.rank_unet) == (4, 16)
+    assert len(release.unet_lora) == 272 and len(release.vae_lora) == 62
     ours = release.to_release_dict()
     theirs = torch.load(parity_dir / "codsr_tiny.pkl", weights_only=True)
     assert set(ours) == set(theirs)
     assert set(ours["state_dict_unet"]) == set(theirs["state_dict_unet"])
+    assert all(torch.equal(ours["state_dict_unet"][k], v) for k, v in theirs["state_dict_unet"].items())
+    assert ours["vae_lora_encoder_modules"] == theirs["vae_lora_encoder_modules"]
 
 
 def test_stage1_format(release, tmp_path):

@@ -20,7 +20,7 @@ from codsr.data.datasets import (
     load_image,
 )
 from codsr.data.degradation import BatchDegrader
-from conftest import shared_path
+from conftest import FIXTURES
 
 
 def _save(path: Path, arr: np.ndarray) -> Path:
@@ -31,11 +31,15 @@ def _save(path: Path, arr: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def kodak_dir(tmp_path_factory) -> Path:
-    """Three 96×112 Kodak crops in nested folders (recursive listing)."""
+    """Three 96×112 crops of photos (tests/fixtures) in nested folders (recursive listing)."""
     root = tmp_path_factory.mktemp("hq")
-    src = shared_path("data", "hr", "Kodak24")
-    for i, (name, sub) in enumerate([("kodim01.png", "a"), ("kodim03.png", "a/b"), ("kodim23.png", "")]):
-        arr = np.asarray(Image.open(src / name).convert("RGB"))[100 : 100 + 96, 50 + i : 50 + i + 112]
+    sources = [
+        ("real_lq/RealESRGAN_inputs/00003.png", "a"),
+        ("real_lq/RealESRGAN_inputs/children-alpha.png", "a/b"),
+        ("drealsr/test_HR/Canon_40_x1.png", ""),
+    ]
+    for i, (name, sub) in enumerate(sources):
+        arr = np.asarray(Image.open(FIXTURES / name).convert("RGB"))[100 : 100 + 96, 50 + i : 50 + i + 112]
         _save(root / sub / f"img{i}.png", arr)
     (root / "notes.txt").write_text("not an image")
     return root
@@ -237,21 +241,22 @@ def test_paired_crops_are_aligned(tmp_path, kodak_dir):
     assert torch.equal(back["hq"], ds[0]["hq"])
 
 
-def test_paired_real_bsd100_with_suffixes(tmp_path):
-    src = shared_path("data", "hr", "BSD100_x4_subset")
-    for stem in ("img_001_SRF_4", "img_006_SRF_4"):
-        shutil.copy(src / f"{stem}_HR.png", (tmp_path / "hq").mkdir(exist_ok=True) or tmp_path / "hq")
-        shutil.copy(src / f"{stem}_LR.png", (tmp_path / "lq").mkdir(exist_ok=True) or tmp_path / "lq")
+def test_paired_real_drealsr_with_suffixes(tmp_path):
+    src = FIXTURES / "drealsr"
+    (tmp_path / "hq").mkdir(), (tmp_path / "lq").mkdir()
+    for stem in ("Canon_10_x1", "Canon_14_x1"):
+        shutil.copy(src / "test_HR" / f"{stem}.png", tmp_path / "hq" / f"{stem}_HR.png")
+        shutil.copy(src / "test_LR" / f"{stem}.png", tmp_path / "lq" / f"{stem}_LR.png")
     ds = PairedImageDataset(tmp_path / "lq", tmp_path / "hq", crop_size=64, lq_suffix="_LR", hq_suffix="_HR")
     item = ds[0]
-    assert item["path"].endswith("img_001_SRF_4_HR.png") and item["lq_path"].endswith("img_001_SRF_4_LR.png")
+    assert item["path"].endswith("Canon_10_x1_HR.png") and item["lq_path"].endswith("Canon_10_x1_LR.png")
     # the real ×4 pair is aligned: the LQ resized back is close to the HQ crop
     err = (item["lq"] - item["hq"]).abs().mean().item()
     assert err < 0.15
     whole = PairedImageDataset(
         tmp_path / "lq", tmp_path / "hq", crop_size=None, resize_back=False, lq_suffix="_LR", hq_suffix="_HR"
     )[1]
-    assert whole["hq"].shape[1] == 4 * whole["lq"].shape[1]
+    assert whole["hq"].shape[1] == 4 * whole["lq"].shape[1] == 512
 
 
 def test_paired_mismatch_errors_list_files(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for codsr.data.kernels, codsr.data.jpeg and codsr.data.degradation (SPEC §8)."""
+"""Tests for codsr.data.kernels, codsr.data.jpeg and codsr.data.degradation (Real-ESRGAN degradation, docs/method.md#stage-1)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from codsr.data.degradation import (
     sample_kernels,
 )
 from codsr.data.jpeg import jpeg_compress, quality_to_tables
-from conftest import shared_path
+from conftest import FIXTURES
 
 E = math.e
 
 
-def _kodak(name: str = "kodim03.png", size: int | None = None) -> np.ndarray:
-    arr = np.asarray(Image.open(shared_path("data", "hr", "Kodak24", name)).convert("RGB"))
+def _photo(name: str = "real_lq/RealESRGAN_inputs/00003.png", size: int | None = None) -> np.ndarray:
+    """A photo from tests/fixtures as H×W×3 uint8 (top-left ``size``² crop)."""
+    arr = np.asarray(Image.open(FIXTURES / name).convert("RGB"))
     return arr[:size, :size].copy() if size else arr.copy()
 
 
@@ -238,7 +239,7 @@ def test_quality_to_tables_libjpeg_scaling():
 def test_jpeg_grey_matches_libjpeg(quality):
     # A grey image has constant chroma, so only the luma path (DCT + quantisation) matters; it
     # must reproduce Pillow/libjpeg up to its integer-DCT rounding.
-    grey = np.asarray(Image.fromarray(_kodak(size=192)).convert("L"))
+    grey = np.asarray(Image.fromarray(_photo(size=192)).convert("L"))
     buf = io.BytesIO()
     Image.fromarray(grey).save(buf, "JPEG", quality=quality)
     ref = np.asarray(Image.open(buf)).astype(np.float64)
@@ -250,7 +251,7 @@ def test_jpeg_grey_matches_libjpeg(quality):
 
 
 def test_jpeg_rgb_close_to_libjpeg_and_quality_ordering():
-    rgb = _kodak(size=192)
+    rgb = _photo(size=192)
     x = _to01(rgb)
     psnrs = {}
     for q in (30, 95):
@@ -286,7 +287,7 @@ def test_jpeg_differentiable_passes_gradients():
 
 @pytest.fixture(scope="module")
 def hq_crop() -> torch.Tensor:
-    return _to01(_kodak("kodim23.png", size=128))
+    return _to01(_photo("drealsr/test_HR/Canon_40_x1.png", size=128))
 
 
 def test_degrade_shape_range_rounding(hq_crop):

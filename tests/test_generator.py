@@ -1,17 +1,18 @@
-"""Parity of the generator with tensors from the authors' inference code (SPEC §2)."""
+"""CODSRModel (codsr.model.codsr): its one forward, in-process on the tiny model, and parity of every
+stage with tensors from the authors' inference code (release fixture; docs/method.md#generator-forward)."""
 
 import pytest
 import torch
 
 from codsr.model.base import BaseModelNotFoundError, load_base_components
 from codsr.model.checkpoint import load_checkpoint
-from codsr.model.generator import CODSRGenerator, randn
+from codsr.model.codsr import CODSRModel, CODSRModelOutput, ForwardStages, randn
 
 
 @pytest.fixture(scope="module")
 def parts(parity_dir):
     comps = load_base_components(parity_dir / "tiny-sd21")
-    gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+    gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
     gen.load_checkpoint(load_checkpoint(parity_dir / "codsr_tiny.pkl"))
     return gen.eval(), comps
 
@@ -76,7 +77,7 @@ def test_end_to_end_forward_parity(parts, parity_case):
 
 def test_unmerged_adapters_give_the_same_output(parity_dir, parity_case, parts):
     comps = load_base_components(parity_dir / "tiny-sd21")
-    gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+    gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
     gen.load_checkpoint(load_checkpoint(parity_dir / "codsr_tiny.pkl"), merge_unet=False)
     case = parity_case("untiled")
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_unmerged_adapters_give_the_same_output(parity_dir, parity_case, parts):
 def test_alignment_scale_zero_equals_dropping_alignment(parity_dir, parity_case):
     ref = load_checkpoint(parity_dir / "codsr_tiny.pkl")
     comps = load_base_components(parity_dir / "tiny-sd21")
-    gen0 = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+    gen0 = CODSRModel(comps.vae, comps.unet, comps.scheduler)
     gen0.load_checkpoint(ref, alignment_scale=0.0)
     d = ref.to_release_dict()
     for k in list(d["state_dict_unet"]):
@@ -103,7 +104,7 @@ def test_alignment_scale_zero_equals_dropping_alignment(parity_dir, parity_case)
     from codsr.model.checkpoint import CODSRCheckpoint
 
     comps2 = load_base_components(parity_dir / "tiny-sd21")
-    gen1 = CODSRGenerator(comps2.vae, comps2.unet, comps2.scheduler)
+    gen1 = CODSRModel(comps2.vae, comps2.unet, comps2.scheduler)
     gen1.load_checkpoint(CODSRCheckpoint.from_release_dict(d))
     case = parity_case("untiled")
     kw = dict(posterior_noise=case["eps_vae"], rgpa_noise=case["eps_rgpa"])
@@ -120,3 +121,85 @@ def test_missing_base_model_names_the_mirror(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseModelNotFoundError, match="model_index.json"):
         load_base_components(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ in-process tiny model (no fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from codsr.testing import build_tiny_release
+
+    comps, ckpt = build_tiny_release(seed=0)
+    model = CODSRModel(comps["vae"], comps["unet"], comps["scheduler"])
+    model.load_checkpoint(ckpt)
+    emb = comps["text_encoder"](
+        comps["tokenizer"](["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    )[0].detach()
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    return model.eval(), emb, x
+
+
+def test_forward_follows_the_equations_in_order(tiny):
+    model, emb, x = tiny
+    with torch.no_grad():
+        out = model(x, emb, 100, generator=torch.Generator().manual_seed(7), decode=True)
+        g = torch.Generator().manual_seed(7)
+        moments = model.encode_moments(x)
+        eps_vae, eps = randn((1, 4, 8, 12), g, "cpu"), randn((1, 4, 8, 12), g, "cpu")  # posterior, then RGPA
+        mean, logvar = moments.chunk(2, 1)
+        z_l = (mean + torch.exp(0.5 * logvar) * eps_vae) * 0.18215
+        t = torch.tensor([100])
+        abar = model.alphas_cumprod[100]
+        eps_a = model.noisy_latent(x, z_l, t, eps)[1]
+        z_t = abar.sqrt() * z_l + (1 - abar).sqrt() * eps_a  # Eq. 1
+        w_t = ((1 - abar) / abar).sqrt()
+        scale, shift = model.sft(x)
+        eps_pred = model.predict_noise(z_t, t, emb, scale / w_t, shift / w_t)  # Eq. 4 inside
+        z_h = z_l + w_t * (eps_a - eps_pred)  # Eq. 2
+    assert isinstance(out, CODSRModelOutput)
+    assert w_t.item() == pytest.approx(0.3439318, abs=1e-7)
+    torch.testing.assert_close(out.z_l, z_l, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.z_t, z_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.z_h, z_h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.x_h, model.decode(out.z_h), atol=0, rtol=0)
+    assert 0.3 <= out.weight.min() and out.weight.max() <= 1  # RGPA weights (Eq. 3) in [0.3, 1]
+    assert model(x, emb, 100, generator=torch.Generator().manual_seed(7)).x_h is None  # decode is opt-in
+
+
+def test_injected_stages_replace_only_the_heavy_stages(tiny):
+    model, emb, x = tiny
+    calls = []
+
+    def enc(xx):
+        calls.append("encode")
+        return model.encode_moments(xx)
+
+    def pred(z_t, t, c, scale, shift):
+        calls.append(("predict", tuple(z_t.shape), tuple(scale.shape)))
+        return model.predict_noise(z_t, t, c, scale, shift) + 1.0  # a shifted ε_θ moves ẑ_H by −w_t
+
+    def dec(z):
+        calls.append("decode")
+        return torch.zeros(1, 3, 64, 96)
+
+    with torch.no_grad():
+        ref = model(x, emb, 100, generator=torch.Generator().manual_seed(1))
+        out = model(x, emb, 100, generator=torch.Generator().manual_seed(1), decode=True,
+                    stages=ForwardStages(encode_moments=enc, predict_noise=pred, decode=dec))  # fmt: skip
+    assert calls == ["encode", ("predict", (1, 4, 8, 12), (1, 320, 8, 12)), "decode"]
+    torch.testing.assert_close(out.z_h, ref.z_h - ref.w_t, atol=1e-5, rtol=0)
+    assert torch.equal(out.x_h, torch.zeros(1, 3, 64, 96))
+
+
+def test_model_layer_never_imports_the_pipeline():
+    import ast
+    from pathlib import Path
+
+    import codsr.model
+
+    for f in Path(codsr.model.__file__).parent.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in mods if m.startswith("codsr.pipeline")], f.name

@@ -21,10 +21,10 @@ from codsr.imageio import (
     upscale_alpha,
     write_image,
 )
-from conftest import shared_path
+from conftest import FIXTURES
 
-REAL_ESRGAN = ("data", "real_lq", "RealESRGAN_inputs")
-REAL47 = ("data", "real_lq", "Real47")
+REAL_ESRGAN = FIXTURES / "real_lq" / "RealESRGAN_inputs"
+REAL47 = FIXTURES / "real_lq" / "Real47"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,21 +149,21 @@ def exif_with(**tags: int | str) -> Image.Exif:
 
 
 def test_format_detected_from_content_not_extension():
-    jpeg_named_png = read_image(shared_path(*REAL47, "36.png"))
-    png_named_jpeg = read_image(shared_path(*REAL47, "54.jpeg"))
+    jpeg_named_png = read_image(REAL47 / "36.png")
+    png_named_jpeg = read_image(REAL47 / "54.jpeg")
     assert jpeg_named_png.format == "JPEG" and png_named_jpeg.format == "PNG"
-    ref = np.asarray(Image.open(shared_path(*REAL47, "36.png")), dtype=np.float32) / 255
+    ref = np.asarray(Image.open(REAL47 / "36.png"), dtype=np.float32) / 255
     np.testing.assert_array_equal(jpeg_named_png.rgb, ref)
     assert jpeg_named_png.rgb.dtype == np.float32 and jpeg_named_png.alpha is None
 
 
 def test_real_grayscale_png_and_jpeg():
-    gray = read_image(shared_path(*REAL_ESRGAN, "00017_gray.png"))
-    ref = np.asarray(Image.open(shared_path(*REAL_ESRGAN, "00017_gray.png")), dtype=np.float32) / 255
+    gray = read_image(REAL_ESRGAN / "00017_gray.png")
+    ref = np.asarray(Image.open(REAL_ESRGAN / "00017_gray.png"), dtype=np.float32) / 255
     assert gray.is_gray and gray.source_mode == "L" and gray.bit_depth == 8
     for ch in range(3):
         np.testing.assert_array_equal(gray.rgb[..., ch], ref)
-    wolf = read_image(shared_path(*REAL_ESRGAN, "wolf_gray.jpg"))
+    wolf = read_image(REAL_ESRGAN / "wolf_gray.jpg")
     assert wolf.is_gray and wolf.icc_profile is not None and wolf.icc_profile[16:20] == b"GRAY"
     assert wolf.exif is not None and wolf.exif.startswith(b"Exif\x00\x00")
     parsed = Image.Exif()
@@ -172,7 +172,7 @@ def test_real_grayscale_png_and_jpeg():
 
 
 def test_real_rgba_png_keeps_alpha():
-    path = shared_path(*REAL_ESRGAN, "children-alpha.png")
+    path = REAL_ESRGAN / "children-alpha.png"
     img = read_image(path)
     ref = np.asarray(Image.open(path), dtype=np.float32) / 255
     assert img.alpha is not None and img.alpha.shape == (350, 566)
@@ -182,7 +182,7 @@ def test_real_rgba_png_keeps_alpha():
 
 
 def test_real_16bit_rgba_png_keeps_full_precision(tmp_path):
-    path = shared_path(*REAL_ESRGAN, "tree_alpha_16bit.png")
+    path = REAL_ESRGAN / "tree_alpha_16bit.png"
     # What Pillow 13 alone gives: an 8-bit RGBA image (the reason for our own decoder).
     assert np.asarray(Image.open(path)).dtype == np.uint8
     img = read_image(path)
@@ -477,7 +477,7 @@ def test_icc_and_exif_kept_per_format(tmp_path, name):
 
 
 def test_gray_icc_profile_dropped_when_stored_as_rgb(tmp_path):
-    gray_icc = read_image(shared_path(*REAL_ESRGAN, "wolf_gray.jpg")).icc_profile
+    gray_icc = read_image(REAL_ESRGAN / "wolf_gray.jpg").icc_profile
     rgb = np.full((4, 4, 3), 0.5, np.float32)
     as_gray = write_image(tmp_path / "g.jpg", rgb, gray=True, icc_profile=gray_icc)
     assert Image.open(as_gray).info.get("icc_profile") == gray_icc

@@ -13,6 +13,21 @@ from codsr.model.lora import (
 )
 
 
+def test_tiny_model_target_lists():
+    """On the tiny SD 2.1 (docs/method.md#lora-layout): counts by hand from its config."""
+    from codsr.testing import build_tiny_components
+
+    comps = build_tiny_components(seed=0)
+    groups = unet_lora_target_modules(comps["unet"])
+    # encoder: conv_in + DownBlock2D (2 resnet convs + downsampler conv) + CrossAttnDownBlock2D (2 resnet
+    # convs + shortcut + proj_in/out + attn1/attn2 q,k,v,out + ff 2) = 1 + 3 + 15
+    assert len(groups["encoder"]) == 19 and groups["encoder"][0] == "conv_in"
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2.to_k" in groups["others"]
+    assert groups["decoder"][-1] == "conv_out"
+    vae_list = vae_lora_target_modules(comps["vae"])
+    assert (len(vae_list), len(unique(vae_list))) == (63, 31)  # the same VAE layout as the release fixture
+
+
 def test_target_lists_equal_the_release_checkpoint(parity_dir):
     ckpt = torch.load(parity_dir / "codsr_tiny.pkl", weights_only=True)
     unet = UNet2DConditionModel.from_pretrained(parity_dir / "tiny-sd21", subfolder="unet")
@@ -86,8 +101,10 @@ def test_activate_adapters_enables_all_listed():
     assert model.lin.active_adapters == ["one", "two"]
 
 
-def test_add_adapter_on_diffusers_model(parity_dir):
-    vae = AutoencoderKL.from_pretrained(parity_dir / "tiny-sd21", subfolder="vae")
+def test_add_adapter_on_diffusers_model():
+    from codsr.testing import build_tiny_components
+
+    vae = build_tiny_components(seed=0)["vae"]
     add_adapter(vae, 4, vae_lora_target_modules(vae), "default_encoder")
     keys = [k for k in vae.state_dict() if "lora" in k]
     assert len(keys) == 2 * 31

@@ -23,7 +23,7 @@ def tiny_unet() -> UNet2DConditionModel:
 def test_sft_has_release_size_and_starts_as_identity():
     sft = SFTModulator()
     n = sum(p.numel() for p in sft.parameters())
-    assert n == 2 * (192 * 320 * 9 + 320 + 320 * 320 * 9 + 320)  # 2,950,400 ≈ 2.95 M (SPEC §4)
+    assert n == 2 * (192 * 320 * 9 + 320 + 320 * 320 * 9 + 320)  # 2,950,400 ≈ 2.95 M (docs/method.md#lqfm)
     scale, shift = sft(torch.rand(1, 3, 32, 48) * 2 - 1)
     assert scale.shape == shift.shape == (1, 320, 4, 6)
     assert scale.abs().max() == 0 and shift.abs().max() == 0

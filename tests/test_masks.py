@@ -1,4 +1,4 @@
-"""``codsr masks`` and the stage-2 dataset on tiny random Grounding DINO / SAM 2 models (SPEC §9)."""
+"""``codsr masks`` and the stage-2 dataset on tiny random Grounding DINO / SAM 2 models (docs/method.md#stage-2)."""
 
 from __future__ import annotations
 
@@ -23,78 +23,13 @@ from codsr.stage2.masks import (
     write_item,
 )
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "cat", "dog", "tree", "sky", "grass", "car"]
-
-
-def _tiny_grounding_dino(folder):
-    from transformers import (
-        BertConfig,
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
-
-    torch.manual_seed(0)
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                                   image_size=96, out_features=["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=37, max_position_embeddings=64),
-        num_queries=10, encoder_layers=1, decoder_layers=2, d_model=32, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2,
-        max_text_len=32,
-    )  # fmt: skip
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 96})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-
-
-def _tiny_sam2(folder, size=128):
-    from transformers import (
-        Sam2Config,
-        Sam2HieraDetConfig,
-        Sam2ImageProcessor,
-        Sam2MaskDecoderConfig,
-        Sam2Model,
-        Sam2Processor,
-        Sam2PromptEncoderConfig,
-        Sam2VisionConfig,
-    )
-
-    torch.manual_seed(0)
-    # The global-attention block must not open a stage (ENVIRONMENT.md): stage 3 = blocks 2, 3.
-    backbone = Sam2HieraDetConfig(
-        hidden_size=8, image_size=[size, size], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-        num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[2, 2, 2, 2], global_attention_blocks=[3],
-        window_positional_embedding_background_size=[2, 2],
-    )  # fmt: skip
-    vision = Sam2VisionConfig(
-        backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8], fpn_hidden_size=32,
-        backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
-    )  # fmt: skip
-    config = Sam2Config(
-        vision_config=vision,
-        prompt_encoder_config=Sam2PromptEncoderConfig(hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                                  iou_head_hidden_dim=16),
-    )  # fmt: skip
-    Sam2Model(config).save_pretrained(folder)
-    image_processor = Sam2ImageProcessor(
-        size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
-    )
-    Sam2Processor(image_processor=image_processor, target_size=size).save_pretrained(folder)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grounding")
-    _tiny_grounding_dino(root / "gdino")
-    _tiny_sam2(root / "sam2")
-    return root / "gdino", root / "sam2"
+    """Tiny random Grounding DINO (96 px) and SAM 2 (128 px), the models of ``codsr make-tiny-model --grounding``."""
+    from codsr.testing.grounding import save_tiny_grounding_models
+
+    return save_tiny_grounding_models(tmp_path_factory.mktemp("grounding"), seed=0)
 
 
 @pytest.fixture(scope="module")

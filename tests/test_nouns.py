@@ -1,4 +1,4 @@
-"""Nouns of RAM tag strings (SPEC §9): spaCy backend, NLTK backend on a tiny tagger model, errors."""
+"""Nouns of RAM tag strings (docs/method.md#stage-2): spaCy backend, NLTK backend on a tiny tagger model, errors."""
 
 from __future__ import annotations
 

@@ -64,6 +64,14 @@ def vae(parity_dir):
     return _load_vae(parity_dir, merged=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """The in-process tiny VAE, for tests that do not compare with the release's numbers."""
+    from codsr.testing import build_tiny_components
+
+    return build_tiny_components(seed=0)["vae"].float().eval()
+
+
 def _image(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8).float() / 127.5 - 1
 
@@ -139,7 +147,8 @@ def test_trigger(h, w, tile, is_decoder, expected):
     assert release_vae_tiling_applies(h, w, tile, is_decoder) is expected
 
 
-def test_below_trigger_runs_the_untiled_modules(vae):
+def test_below_trigger_runs_the_untiled_modules(tiny_vae):
+    vae = tiny_vae
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 64, 320, generator=g) * 2 - 1  # max side 320 = 2·32 + 256
     z = torch.randn(2, 4, 54, 20, generator=g)  # max side 54 = 2·11 + 32
@@ -170,7 +179,8 @@ def test_tile_split():
     assert middle == ReleaseTile(window=(0, 30, 8, 38), target=(0, 152, 152, 216))
 
 
-def test_bad_arguments(vae):
+def test_bad_arguments(tiny_vae):
+    vae = tiny_vae
     x = torch.zeros(1, 3, 262, 264)
     with pytest.raises(ValueError, match="vae_encoder_tiled_size=100"):
         release_tiled_encoder_forward(vae.encoder, x, 100)  # tiles start at x=100: not on the 8-px grid

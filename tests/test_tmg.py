@@ -1,4 +1,4 @@
-"""Cross-attention capture and TMG losses (SPEC §9 "TMG") on the parity fixture's tiny SD model."""
+"""Cross-attention capture and TMG losses (paper §3.4, docs/method.md#stage-2) on the tiny SD 2.1 model."""
 
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ from codsr.stage2.tmg import (
 
 
 @pytest.fixture(scope="module")
-def tiny(parity_dir):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def tiny():
+    """The tiny SD 2.1 (codsr.testing): byte-level CLIP tokenizer, so every word is spelled byte by byte."""
+    import copy
 
-    root = parity_dir / "tiny-sd21"
+    from codsr.testing import build_tiny_components
+
+    comps = build_tiny_components(seed=0)
     return {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet").eval(),
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder").eval(),
+        "unet": lambda: copy.deepcopy(comps["unet"]).eval(),
+        "tokenizer": comps["tokenizer"],
+        "text_encoder": comps["text_encoder"].eval(),
     }
 
 
@@ -100,15 +102,14 @@ def test_grid_for_length():
 def test_noun_token_positions(tiny):
     tok = tiny["tokenizer"]
     prompt = "cat, tabby cat, black, whiskers"
-    ids = tok(prompt).input_ids  # [bos, cat, ',', tabby, cat, ',', black, ',', whisk, ers, eos]
-    assert noun_token_positions(tok, prompt, "cat") == [1, 4]
-    whiskers = tok("whiskers", add_special_tokens=False).input_ids
-    assert len(whiskers) == 2  # a multi-piece word
-    assert noun_token_positions(tok, prompt, "whiskers") == [8, 9]
-    assert noun_token_positions(tok, prompt, "tabby cat") == [3, 4]
-    assert noun_token_positions(tok, prompt, "Cat") == [1, 4]  # CLIP lower-cases
+    # [bos, c a t</w>, ,</w>, t a b b y</w>, c a t</w>, ,</w>, b l a c k</w>, ,</w>, w h i s k e r s</w>, eos]
+    ids = tok(prompt).input_ids
+    assert len(ids) == 29 and ids[-1] == tok.eos_token_id
+    assert noun_token_positions(tok, prompt, "cat") == [1, 2, 3, 10, 11, 12]
+    assert noun_token_positions(tok, prompt, "whiskers") == list(range(20, 28))  # a multi-piece word
+    assert noun_token_positions(tok, prompt, "tabby cat") == list(range(5, 13))
+    assert noun_token_positions(tok, prompt, "Cat") == [1, 2, 3, 10, 11, 12]  # CLIP lower-cases
     assert noun_token_positions(tok, prompt, "dog") == []
-    assert ids[-1] == tok.eos_token_id
     # "!" pads SD prompts (id 0 here): padding never matches a noun
     assert noun_token_positions(tok, "cat", "!") == []
 
@@ -117,7 +118,9 @@ def test_truncated_noun_is_skipped(tiny):
     tok = tiny["tokenizer"]
     long_prompt = ", ".join(["grass"] * 40) + ", zebra"  # zebra falls beyond 77 tokens
     assert noun_token_positions(tok, long_prompt, "zebra") == []
-    assert len(noun_token_positions(tok, long_prompt, "grass")) == 38  # 75 content tokens: 38 "grass"
+    # 75 content tokens = 12 × ("g r a s s</w>" + ",</w>") + "g r a": the cut 13th "grass" does not count
+    grass = noun_token_positions(tok, long_prompt, "grass")
+    assert len(grass) == 60 and grass[-5:] == [67, 68, 69, 70, 71]
 
 
 # ---------------------------------------------------------------------- capture processor

@@ -1,4 +1,4 @@
-"""Tests for the vision-aided DINO discriminator, its GAN loss and DiffAugment (SPEC §8)."""
+"""Tests for the vision-aided DINO discriminator, its GAN loss and DiffAugment (docs/method.md#stage-1)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_features_are_normed_outputs_of_blocks_5_9_12(disc):
 def test_preprocess_area_resize_and_normalisation(disc):
     x = torch.full((1, 3, 448, 448), 0.5)
     out = disc.preprocess(x)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])  # SPEC: 0.4815, 0.4578, 0.4082
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])  # often quoted rounded: 0.4815, 0.4578, 0.4082
     assert mean.tolist() == pytest.approx([0.4815, 0.4578, 0.4082], abs=5e-5)
     std = torch.tensor([0.229, 0.224, 0.225])
     assert out.shape == (1, 3, 224, 224)

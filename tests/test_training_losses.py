@@ -1,4 +1,4 @@
-"""Tests for codsr.training.losses: 1·MSE + 2·LPIPS-VGG (SPEC §8) and the offline VGG16 loader."""
+"""Tests for codsr.training.losses: 1·MSE + 2·LPIPS-VGG (docs/method.md#stage-1) and the offline VGG16 loader."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from codsr.model.tiny import TinyModelConfig, save_tiny_model
+from codsr.testing.tiny_sd21 import TinyModelConfig, save_tiny_model
 from codsr.training.config import load_config
 from codsr.training.prompts import FilePrompts, apply_null_text, crop_key, read_prompt_file
 from codsr.training.stage1 import STAGE1_ADAPTERS, Stage1Trainer
@@ -103,6 +103,47 @@ def test_only_stage1_lora_and_sft_are_trainable_and_get_grads(tmp_path, tiny_dir
     assert names["sft.SFT_shift_conv1.weight"].grad.abs().sum() > 0
 
 
+# ------------------------------------------------------------------------------------ config → trainer
+def test_values_from_a_yaml_file_reach_the_trainer(tmp_path, tiny_dir, images):
+    """A user's own YAML (no shipped config under it): its values configure the optimizer, the
+    accumulation, the data and the timesteps the trainer actually uses."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        f"""stage: 1
+output_dir: {tmp_path / 'run'}
+max_steps: 3
+seed: 11
+model: {{base_model: {tiny_dir}}}
+data: {{train_hq: {images}, crop_size: 64, num_workers: 0}}
+prompts: {{mode: none}}
+train:
+  batch_size: 2
+  global_batch_size: null
+  gradient_accumulation_steps: 3
+  mixed_precision: "no"
+  timestep_min: 120
+  timestep_max: 130
+optim: {{lr: 3.0e-4, betas: [0.8, 0.95], weight_decay: 0.05, eps: 1e-6}}
+loss: {{lpips_weight: 0.0}}
+gan: {{enabled: false}}
+logging: {{tensorboard: false, progress_bar: false}}
+validation: {{every: 0}}
+""",
+        encoding="utf-8",
+    )
+    trainer = Stage1Trainer(load_config(path))
+    trainer.setup()
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.05, 1e-6)
+    assert trainer.accum == 3 and trainer.config.seed == 11
+    batch = trainer.data.next()
+    assert tuple(batch["hq"].shape) == (2, 3, 64, 64)
+    draws = torch.cat([trainer.sample_timesteps(2) for _ in range(200)])
+    assert int(draws.min()) == 120 and int(draws.max()) == 130
+    # the resolved config written beside the run loads back to the same object
+    assert load_config(tmp_path / "run" / "config.yaml") == trainer.config
+
+
 # ------------------------------------------------------------------------------------ timesteps
 def test_timesteps_are_per_sample_seeded_and_in_range(tmp_path, tiny_dir, images):
     trainer = Stage1Trainer(config(tmp_path, tiny_dir, images, "loss.lpips_weight=0", "seed=5"))
@@ -139,7 +180,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(tmp_path, tiny_dir, image
 # ------------------------------------------------------------------------------------ export + CLI
 def test_cli_training_writes_release_checkpoint_that_the_pipeline_loads(tmp_path, tiny_dir, images, capsys):
     from codsr.pipeline.pipeline import CODSRPipeline
-    from codsr.train import main
+    from codsr.training.run import main
 
     out = tmp_path / "cli"
     rc = main(["--config", "tiny/stage1", "--set", f"model.base_model={tiny_dir}", f"data.train_hq={images}",

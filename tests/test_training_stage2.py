@@ -1,4 +1,4 @@
-"""Stage-2 trainer (TMG + VSD, SPEC §9) on tiny random models, CPU, 64² crops.
+"""Stage-2 trainer (TMG + VSD, docs/method.md#stage-2) on tiny random models, CPU, 64² crops.
 
 The module fixture runs the documented chain from scratch: ``codsr make-tiny-model --grounding``
 → ``codsr train --config tiny/stage1`` (2 steps) → ``codsr masks`` with the tiny Grounding DINO /
@@ -32,7 +32,7 @@ TAGS = ["cat, black, grass", "dog, tree, green", "sky, blue, cloud", "car, road,
 def chain(tmp_path_factory):
     """HR images (64², so a crop is the whole image) → tiny model → stage-1 ckpt → masks, all via the CLIs."""
     from codsr.cli import main as codsr_main
-    from codsr.train import main as train_main
+    from codsr.training.run import main as train_main
 
     root = tmp_path_factory.mktemp("chain")
     hr = root / "hr"
@@ -113,7 +113,8 @@ def test_shipped_stage2_has_the_release_hyper_parameters():
     paper = load_config("stage2", ["tmg.layers=all", "tmg.area_weight=1", "tmg.bce_weight=0"])
     assert (paper.tmg.layers, paper.tmg.area_weight, paper.tmg.bce_weight) == ("all", 1.0, 0.0)
     for bad, key in [("tmg.layers=last", "tmg.layers"), ("masks.mode=live", "masks.mode"),
-                     ("prompts.mode=ram", "prompts.mode"), ("vsd.timestep_max=1000", "vsd.timestep_min")]:  # fmt: skip
+                     ("prompts.mode=ram", "prompts.mode"), ("vsd.timestep_max=1000", "vsd.timestep_max"),
+                     ("vsd.timestep_min=990", "vsd.timestep_min"), ("gan.enabled=true", "gan.enabled")]:  # fmt: skip
         with pytest.raises(ConfigError, match=key):
             load_config("stage2", [bad])
     with pytest.raises(ConfigError, match="'file' or 'ram'"):
@@ -247,7 +248,7 @@ def test_online_masks_equal_the_precomputed_ones(chain, tmp_path):
 # ------------------------------------------------------------------------------------ CLI, export, pipeline
 def test_cli_writes_a_release_stage2_checkpoint_that_the_pipeline_loads(chain, tmp_path):
     from codsr.pipeline.pipeline import CODSRPipeline
-    from codsr.train import main
+    from codsr.training.run import main
 
     out = tmp_path / "cli"
     assert main(["--config", "tiny/stage2", "--set", *overrides(chain, out, "checkpoint.every=1")]) == 0
@@ -318,7 +319,7 @@ WORKER = """
 import sys
 from safetensors.torch import save_file
 import codsr.training.stage2 as stage2
-from codsr.train import main
+from codsr.training.run import main
 
 OUT = sys.argv.pop(1)
 train = stage2.Stage2Trainer.train
@@ -351,7 +352,7 @@ def test_two_processes_keep_identical_weights(chain, tmp_path):
 
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(WORKER), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # codsr.train sets it
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # codsr.training.run sets it
     env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -1,7 +1,12 @@
+"""The exact tiled VAE (codsr.pipeline.vae_tiling) on the in-process tiny VAE: tiled == untiled."""
+
+import os
+
 import pytest
 import torch
-from diffusers import AutoencoderKL
+import torch.nn.functional as F
 
+import codsr.pipeline.vae_tiling as vae_tiling
 from codsr.pipeline.vae_tiling import plan_axis, tiled_decode, tiled_encode_moments
 
 
@@ -21,8 +26,10 @@ def test_plan_axis_cores_partition_and_keep_the_halo(length, core, halo, align):
 
 
 @pytest.fixture(scope="module")
-def vae(parity_dir):
-    return AutoencoderKL.from_pretrained(parity_dir / "tiny-sd21", subfolder="vae").eval()
+def vae():
+    from codsr.testing import build_tiny_components
+
+    return build_tiny_components(seed=0)["vae"].eval()
 
 
 def test_tiled_encoder_equals_untiled(vae):
@@ -52,3 +59,60 @@ def test_per_tile_groupnorm_would_shift_colours(vae):
         left = vae.decode(z[..., :32]).sample
         tiled = tiled_decode(vae, z, 16)
     assert (left[..., :128] - ref[..., :128]).abs().mean() > 10 * (tiled - ref).abs().mean()
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_tiled_vae_equals_untiled(vae, offload, tmp_path):
+    x = torch.rand(1, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 3 encoder tiles
+    z = torch.randn(1, 4, 48, 64, generator=torch.Generator().manual_seed(1))  # 3×4 decoder tiles
+    with torch.no_grad():
+        ref_enc = vae.quant_conv(vae.encoder(x))
+        enc = tiled_encode_moments(vae, x, 128, offload=offload, offload_dir=tmp_path)
+        ref_dec = vae.decode(z).sample
+        dec = tiled_decode(vae, z, 16, offload=offload, offload_dir=tmp_path)
+    assert (enc - ref_enc).abs().max() <= 1e-4 * ref_enc.abs().max()
+    assert dec.shape == ref_dec.shape
+    assert (dec - ref_dec).abs().max() <= 1e-4 * ref_dec.abs().max()
+    assert os.listdir(tmp_path) == []  # the temporary tile folder is removed
+
+
+def test_disk_store_round_trips_bfloat16_and_cleans_up(tmp_path):
+    store = vae_tiling.make_tile_store("disk", torch.device("cpu"), tmp_path)
+    t = torch.randn(2, 3, 5, 7).to(torch.bfloat16)
+    store.put("a", t)
+    (folder,) = os.listdir(tmp_path)
+    assert len(os.listdir(tmp_path / folder)) == 1
+    assert torch.equal(store.get("a"), t)
+    assert torch.equal(store.pop("a"), t)
+    assert os.listdir(tmp_path / folder) == []
+    store.close()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="offload"):
+        vae_tiling.make_tile_store("gpu", torch.device("cpu"))
+
+
+def test_chunked_group_norm_is_exact(monkeypatch):
+    monkeypatch.setattr(vae_tiling, "_NORM_CHUNK_ELEMENTS", 300)  # forces several chunks
+    norm = torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 32, 9, 11, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    xg = x.reshape(2, 8, -1)
+    mean, var = xg.mean(-1), xg.var(-1, unbiased=False)
+    out = vae_tiling._TiledRunner._apply_norm(x, norm, mean, var)
+    ref = F.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_tiling_helpers_never_import_the_planner_or_the_pipeline():
+    import ast
+    from pathlib import Path
+
+    import codsr.pipeline.latent_tiling as latent_tiling
+    import codsr.pipeline.release_vae_tiling as release_vae_tiling
+
+    for mod in (vae_tiling, latent_tiling, release_vae_tiling):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not {"codsr.pipeline.tiling", "codsr.pipeline.pipeline"} & set(names), mod.__name__

@@ -1,4 +1,4 @@
-"""VSD regulariser (SPEC §9 "VSD") on the parity fixture's tiny SD UNet."""
+"""VSD regulariser (paper §3.4, docs/method.md#stage-2) on the tiny SD 2.1 UNet."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ from codsr.stage2.vsd import FAKE_SCORE_ADAPTERS, NEGATIVE_PROMPT, VSDLoss
 
 
 @pytest.fixture(scope="module")
-def parts(parity_dir):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def parts():
+    from codsr.testing import build_tiny_components
 
-    root = parity_dir / "tiny-sd21"
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet").eval()
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    return unet, scheduler
+    comps = build_tiny_components(seed=0)
+    return comps["unet"].eval(), comps["scheduler"]
 
 
 def _make(parts, neg=None, seed=0, **kw):

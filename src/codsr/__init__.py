@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CODSRPipeline": "codsr.pipeline.pipeline",
-    "CODSRGenerator": "codsr.model.generator",
+    "TilePlan": "codsr.pipeline.tiling",
+    "CODSRModel": "codsr.model.codsr",
     "CODSRCheckpoint": "codsr.model.checkpoint",
     "load_checkpoint": "codsr.model.checkpoint",
     "rgpa_weight_map": "codsr.model.rgpa",
@@ -24,10 +25,11 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from codsr.model.checkpoint import CODSRCheckpoint, load_checkpoint  # noqa: F401
-    from codsr.model.generator import CODSRGenerator  # noqa: F401
+    from codsr.model.codsr import CODSRModel  # noqa: F401
     from codsr.model.lqfm import SFTModulator  # noqa: F401
     from codsr.model.rgpa import rgpa_weight_map  # noqa: F401
     from codsr.pipeline.pipeline import CODSRPipeline  # noqa: F401
+    from codsr.pipeline.tiling import TilePlan  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

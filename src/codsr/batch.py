@@ -5,7 +5,8 @@ caught before anything is processed) → for each input, skip it if its output e
 ``skip_existing``, else read → ``process(image, seed)`` → atomic write. One bad image is reported
 and the run goes on; Ctrl-C stops after cleaning up the half-written file; a full disk stops the
 run (every later write would fail too). Per-image seeds come from the base seed and the image's
-relative name, so a resumed run produces the same outputs as an uninterrupted one.
+relative name (:func:`codsr.seeding.image_seed`, the formula the benchmark runner uses too), so a
+resumed run produces the same outputs as an uninterrupted one.
 See docs/batch.md for the rules in user terms.
 """
 
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import logging
 import os
 import re
 import sys
 import time
-import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from PIL import features
 
 from codsr.imageio import (
     FORMAT_EXTENSIONS,
+    IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,
     probe_image,
@@ -40,6 +40,7 @@ from codsr.imageio import (
     upscale_alpha,
     write_image,
 )
+from codsr.seeding import image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,8 @@ __all__ = [
     "sniff_image_format",
 ]
 
-# Extensions that make a file count as an image input even if its content does not sniff as one
-# (it is then reported as unreadable instead of silently ignored).
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
-    | ({".avif"} if features.check("avif") else set())
-)
+# IMAGE_EXTENSIONS (codsr.imageio): a file with one of these counts as an image input even if its
+# content does not sniff as one (it is then reported as unreadable instead of silently ignored).
 # ``ext`` choices for output_path_for / run_batch.
 OUTPUT_EXTENSIONS: dict[str, str] = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tif": "TIFF"}
 
@@ -240,19 +237,6 @@ def output_path_for(
     own = input_path.suffix
     extension = own if own.lower() in FORMAT_EXTENSIONS[fmt] else FORMAT_EXTENSIONS[fmt][0]
     return out_dir / rel.parent / f"{rel.stem}{suffix}{extension}"
-
-
-def image_seed(base_seed: int, relative_name: str | os.PathLike[str]) -> int:
-    """Per-image seed in [0, 2**32): first 4 bytes (big-endian) of sha256("<base_seed>/<name>").
-
-    ``relative_name`` is the path below the input root; it is written with "/" separators and
-    Unicode-normalised (NFC), so Windows paths and macOS decomposed names give the same seed.
-    The range suits ``torch.manual_seed``, ``numpy.random.seed`` and ``random.seed`` alike.
-    """
-    name = Path(relative_name).as_posix() if not isinstance(relative_name, str) else relative_name
-    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    digest = hashlib.sha256(f"{int(base_seed)}/{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 def plan_outputs(

@@ -14,9 +14,10 @@ What goes wrong with real photo folders, and what this module does about it:
   back with a small 16-bit PNG encoder, so >8-bit precision survives a round trip.
 * CMYK: converted to sRGB through the embedded ICC profile when there is one (LittleCMS via
   ``ImageCms``), otherwise with Pillow's naive conversion.
-* Half-written outputs: ``write_image`` writes to ``.{name}.codsr-tmp-XXXXXXXX`` in the target
-  folder, fsyncs and ``os.replace``-s it into place; an interrupted or failing write leaves no
-  file under the final name. ``remove_temp_files`` cleans up after a killed process.
+* Half-written outputs: ``write_image`` writes through :func:`codsr.atomic.atomic_write` (a temp
+  file in the target folder, fsync, ``os.replace``); an interrupted or failing write leaves no
+  file under the final name. ``remove_temp_files`` (re-exported from :mod:`codsr.atomic`) cleans
+  up after a killed process.
 
 Array conventions: ``rgb`` is float32 H×W×3 in [0, 1], ``alpha`` float32 H×W in [0, 1] or None.
 """
@@ -27,17 +28,16 @@ import contextlib
 import io
 import logging
 import os
-import re
-import secrets
 import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
+
+from codsr.atomic import TEMP_MARKER, atomic_write, is_temp_file, remove_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ __all__ = [
     "ImageReadError",
     "LoadedImage",
     "FORMAT_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
     "TEMP_MARKER",
     "format_for_path",
     "is_temp_file",
@@ -66,8 +67,14 @@ FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
 }
 _EXTENSION_FORMAT = {ext: fmt for fmt, exts in FORMAT_EXTENSIONS.items() for ext in exts}
 
-TEMP_MARKER = ".codsr-tmp-"
-_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"[0-9a-f]{8}$")
+# The one list of file extensions (lower case) that make a file an image input, everywhere in
+# codsr: batch upscaling, evaluation folders, training datasets, tagging. Everything here is
+# readable by Pillow (AVIF only when this Pillow build has it).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {ext for exts in FORMAT_EXTENSIONS.values() for ext in exts}
+    | {".bmp", ".gif", ".ppm", ".pgm"}
+    | ({".avif"} if features.check("avif") else set())
+)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -663,7 +670,7 @@ def write_image(
 
     if bit_depth == 16 and fmt == "PNG":
         data = _encode_png16(samples, icc=icc, exif=exif_out.tobytes() if exif_out is not None else None)
-        _atomic_write(final, lambda f: f.write(data))
+        atomic_write(final, lambda f: f.write(data))
         return final
 
     image = _to_pil(samples)
@@ -682,7 +689,7 @@ def write_image(
             params["exif"] = _tiff_safe_exif(exif_out)
     elif fmt == "PNG":
         params.update(compress_level=6)
-    _atomic_write(final, lambda f: image.save(f, format=fmt, **params))
+    atomic_write(final, lambda f: image.save(f, format=fmt, **params))
     return final
 
 
@@ -798,65 +805,6 @@ def _filter_rows(block: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
     choice = signed.sum(axis=2).argmin(axis=0)
     rows = candidates[choice, np.arange(x.shape[0])].astype(np.uint8)
     return np.concatenate([choice.astype(np.uint8)[:, None], rows], axis=1)
-
-
-def _atomic_write(final: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a recognisable temp file in the same folder, fsync, then rename over ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        # Keep the name under the usual 255-byte limit even for long output names.
-        tmp = final.parent / f".{final.name[:200]}{TEMP_MARKER}{secrets.token_hex(4)}"
-        try:
-            fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, like a normally created file
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:  # also KeyboardInterrupt: never leave the temp file behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def is_temp_file(path: str | os.PathLike[str]) -> bool:
-    """True for a temp file left by :func:`write_image` (``.{name}.codsr-tmp-XXXXXXXX``)."""
-    return bool(_TEMP_RE.match(Path(path).name))
-
-
-def remove_temp_files(folder: str | os.PathLike[str], *, recursive: bool = True) -> list[Path]:
-    """Delete temp files that a killed run left in ``folder``; returns what was removed.
-
-    Do not call this on a folder another process is writing into at the same moment: its
-    in-flight temp files would be removed and its writes would fail.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    candidates = root.rglob(f"*{TEMP_MARKER}*") if recursive else root.glob(f"*{TEMP_MARKER}*")
-    removed = []
-    for p in sorted(candidates):
-        if is_temp_file(p) and p.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-    return removed
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "codsr.tagging.cli",
     "codsr.data.make_lq",
     "codsr.training.cli",
+    "codsr.testing.cli",
     "codsr.stage2.cli",
 )
 

@@ -25,11 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default="adain")
     p.add_argument("--seed", type=int, default=42, help="base seed; each image's seed derives from it and its name")
     p.add_argument("--tile", type=int, default=0,
-                   help="tile size in output pixels for the VAE and UNet (0 = automatic)")  # fmt: skip
-    p.add_argument("--tile-overlap", type=int, default=400, help="UNet tile overlap in output pixels (default: 400)")
+                   help="tile size in output pixels for the VAE and the UNet (UNet: tile/8 latent px); "
+                        "0 = automatic (default)")  # fmt: skip
+    p.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                   help="UNet tile overlap in output pixels (overlap/8 latent px), for --tile or the automatic "
+                        "plan (default: a third of the tile, at most 400 = 50 latent px); not with --max-memory alone, whose "
+                        "planner chooses it")  # fmt: skip
     p.add_argument("--max-memory", default=None, metavar="GB",
-                   help="memory budget in GB (or 'auto' = from free memory): tile sizes are chosen so the "
-                        "predicted peak stays under it (docs/memory.md); --tile overrides")  # fmt: skip
+                   help="memory budget in GB (or 'auto' = from free memory): the library's planner chooses tile "
+                        "sizes so the predicted peak stays under it (docs/memory.md); with --tile, the tile "
+                        "is used as given and a warning says if it is predicted to exceed the budget")  # fmt: skip
     prec = p.add_mutually_exclusive_group()
     for name in PRECISIONS:
         prec.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
@@ -64,41 +69,45 @@ def _dtype(precision: str | None, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def tile_kwargs(tile: int, overlap: int) -> dict:
-    """Map ``--tile`` (output px) to the pipeline's tile arguments; 0 keeps them automatic."""
-    if tile <= 0:
-        return {}
-    latent = max(8, tile // 8)
-    return {
-        "vae_encoder_tile_size": tile,
-        "vae_decoder_tile_size": tile,
-        "latent_tile_size": latent,
-        "latent_tile_overlap": min(max(0, overlap // 8), latent - 1),
-    }
+def tile_plan_from_args(args: argparse.Namespace, width: int, height: int):
+    """The TilePlan the flags ask for, before any budget: ``--tile`` (+ ``--tile-overlap``), the
+    automatic plan with ``--tile-overlap`` alone, or None (the planner decides)."""
+    from codsr.pipeline.tiling import TilePlan
 
-
-def processing_size(width: int, height: int, upscale: float) -> tuple[int, int]:
-    """(W, H) the pipeline restores at for an input of ``width × height`` (the release's resize chain)."""
-    from codsr.pipeline.image_processing import release_input_size
-
-    steps = release_input_size(width, height, upscale)
-    return steps[-1][0] if steps else (width, height)
+    if args.tile > 0:
+        return TilePlan.from_tile(args.tile, args.tile_overlap)
+    if args.tile_overlap is not None:
+        return TilePlan.automatic(height, width).with_overlap_px(args.tile_overlap)
+    return None
 
 
 def initial_plan(args: argparse.Namespace, pipe, width: int, height: int):
-    """The first tile plan for an image restored at ``width × height``: from ``--tile``,
-    ``--max-memory`` or the pipeline's defaults (the OOM retry shrinks it from there)."""
-    from codsr.pipeline.memory import TilePlan, default_plan, plan_tiles, resolve_budget
+    """The first tile plan for an input image of ``width × height`` px: what ``pipe(image, args.upscale,
+    ...)`` with these flags uses, from the library's one planner (the OOM retry shrinks it from there)."""
+    from codsr.pipeline.pipeline import processing_size
 
-    if args.tile > 0:
-        kw = tile_kwargs(args.tile, args.tile_overlap)
-        return TilePlan(kw["vae_encoder_tile_size"], kw["vae_decoder_tile_size"], kw["latent_tile_size"],
-                        kw["latent_tile_overlap"])  # fmt: skip
-    if args.max_memory is not None:
-        budget = resolve_budget(args.max_memory, pipe.device)
-        return plan_tiles(height, width, budget, dtype=pipe.dtype, device=pipe.device,
-                          batched_unet=not args.release_compat)  # fmt: skip
-    return default_plan(height, width)
+    pw, ph = processing_size(width, height, args.upscale)
+    return pipe.plan_tiles(
+        (height, width), args.upscale, max_memory=args.max_memory, tile_plan=tile_plan_from_args(args, pw, ph),
+        release_compat=args.release_compat,
+    )  # fmt: skip
+
+
+def _check_tile_flags(args: argparse.Namespace, device) -> str | None:
+    """An error message for bad tile/memory flags, or None."""
+    from codsr.pipeline.tiling import resolve_budget
+
+    if args.tile < 0 or 0 < args.tile < 8:
+        return f"--tile: must be 0 (automatic) or ≥ 8 output px, got {args.tile}"
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        return f"--tile-overlap: must be ≥ 0 output px, got {args.tile_overlap}"
+    if args.tile_overlap is not None and args.tile == 0 and args.max_memory is not None:
+        return "--tile-overlap with --max-memory needs --tile: under a budget the planner chooses the overlap"
+    try:
+        resolve_budget(args.max_memory, device)
+    except (ValueError, RuntimeError) as e:
+        return f"--max-memory: {e}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from codsr.batch import collect_inputs, input_root_for, run_batch
+    from codsr.hostmem import limit_heap_fragmentation
     from codsr.model.base import BASE_MODEL_MIRROR
-    from codsr.pipeline.memory import MemoryBudgetError, resolve_budget, restore_with_oom_retry
     from codsr.pipeline.pipeline import CODSRPipeline, default_device
+    from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
 
     try:
         inputs = collect_inputs(args.input, recursive=args.recursive, exclude=[args.output])
@@ -120,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     device = torch.device(args.device) if args.device else default_device()
     dtype = _dtype(args.precision, device)
-    try:
-        resolve_budget(args.max_memory, "cpu" if args.max_memory is None else device)
-    except (ValueError, RuntimeError) as e:
-        print(f"codsr upscale: --max-memory: {e}", file=sys.stderr)
+    problem = _check_tile_flags(args, device)
+    if problem is not None:
+        print(f"codsr upscale: {problem}", file=sys.stderr)
         return 2
+    if args.max_memory is not None and device.type == "cpu":
+        # Process-wide glibc setting the memory model was measured with (docs/memory.md#glibc-heap);
+        # an application's choice, so the CLI makes it, not the library.
+        limit_heap_fragmentation()
     pipe = CODSRPipeline.from_pretrained(
         args.base_model or BASE_MODEL_MIRROR,
         args.checkpoint,
@@ -136,14 +149,14 @@ def run(args: argparse.Namespace) -> int:
         dape_path=args.dape,
         alignment_scale=args.alignment_scale,
     )
+
     def sr(chw, seed: int):
-        width, height = processing_size(chw.shape[-1], chw.shape[-2], args.upscale)
         try:
-            plan = initial_plan(args, pipe, width, height)
+            plan = initial_plan(args, pipe, chw.shape[-1], chw.shape[-2])
         except MemoryBudgetError as e:
             raise RuntimeError(str(e)) from None
 
-        def attempt(tiles: dict):
+        def attempt(tile_plan):
             return pipe(
                 chw,
                 upscale=args.upscale,
@@ -153,13 +166,12 @@ def run(args: argparse.Namespace) -> int:
                 generator=torch.Generator().manual_seed(seed),
                 output_type="np",
                 release_compat=args.release_compat,
-                **tiles,
+                tile_plan=tile_plan,
             )
 
         def on_retry(_err, smaller) -> None:
-            print(f"codsr upscale: out of memory at {width}×{height}; retrying with smaller tiles "
-                  f"(VAE {smaller.vae_encoder_tile}/{smaller.vae_decoder_tile} px, UNet {smaller.latent_tile}, "
-                  f"offload {smaller.offload})", file=sys.stderr)  # fmt: skip
+            print(f"codsr upscale: out of memory; retrying with smaller tiles ({smaller.describe()})",
+                  file=sys.stderr)  # fmt: skip
 
         # On an out-of-memory error the image is retried with smaller tiles instead of failing.
         return restore_with_oom_retry(attempt, plan, device, on_retry=on_retry)

@@ -1,4 +1,4 @@
-"""Training data for CODSR (SPEC §8): Real-ESRGAN degradation in torch and the datasets.
+"""Training data for CODSR (docs/method.md#stage-1): Real-ESRGAN degradation in torch and the datasets.
 
 * :mod:`codsr.data.kernels` — blur/sinc kernels (closed forms, seeded random draws);
 * :mod:`codsr.data.jpeg` — batched JPEG round trip in torch (libjpeg tables, 4:2:0);

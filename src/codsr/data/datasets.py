@@ -1,4 +1,4 @@
-"""Training datasets for CODSR stage 1 (SPEC §8): synthetic (Real-ESRGAN) and pre-degraded pairs.
+"""Training datasets for stage 1 (docs/method.md#stage-1): synthetic (Real-ESRGAN) and pre-degraded pairs.
 
 Items are dicts (stack them with :func:`collate`)::
 
@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageOps
 
 from codsr.data.degradation import DegradationConfig, degrade, random_resize_back, sample_kernels
+from codsr.imageio import IMAGE_EXTENSIONS  # the one list of image extensions (re-exported)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,8 +56,6 @@ __all__ = [
     "collate",
     "PromptFn",
 ]
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"})
 
 PromptFn = Callable[[str, tuple[int, int, int, int]], str]
 """Prompt hook: ``prompt_fn(path, (top, left, height, width)) -> text``."""
@@ -233,13 +232,13 @@ class _SkippingDataset(torch.utils.data.Dataset):
 
 
 class HQImageDataset(_SkippingDataset):
-    """HQ images → random crops, h-flip, and on-the-fly Real-ESRGAN LQ (SPEC §8). See the module doc.
+    """HQ → random crops, h-flip, on-the-fly Real-ESRGAN LQ (docs/method.md#stage-1). See the module doc.
 
     Args:
         source: folder (recursive), ``.txt`` list, image file, or a sequence of these.
         crop_size: HQ crop side (multiple of ``degradation.scale``); 512 in the paper.
         flip: random horizontal flip with probability 0.5.
-        degradation: parameters (SPEC §8 defaults); ``None`` is the default config.
+        degradation: parameters (docs/method.md#stage-1 defaults); ``None`` is the default config.
         degrade_in: ``"worker"``, ``"batch"`` or ``"none"`` (see the module doc).
         seed: base seed; items depend on (seed, epoch, index) only.
         small_images: ``"pad"`` (reflect-pad bottom/right to the crop) or ``"skip"`` (warn, skip).
@@ -311,7 +310,7 @@ class HQImageDataset(_SkippingDataset):
 
 
 class PairedImageDataset(_SkippingDataset):
-    """Pre-degraded LQ/HQ folder pairs (SPEC §8: "offline pre-degraded LR folders must work too").
+    """Pre-degraded LQ/HQ folder pairs (docs/method.md#stage-1: pre-degraded paired LR folders work too).
 
     Files are paired by name stem (after removing ``lq_suffix``/``hq_suffix`` from the stems), found
     recursively by relative folder + stem. Unpaired or duplicate stems raise ``ValueError`` listing

@@ -1,4 +1,4 @@
-"""Real-ESRGAN second-order degradation (SPEC §8), in torch, batched, seeded.
+"""Real-ESRGAN second-order degradation (docs/method.md#stage-1), in torch, batched, seeded.
 
 Interface used by the training loop
 -----------------------------------
@@ -16,7 +16,7 @@ Interface used by the training loop
     is saved with ``state_dict()`` for exact resumption.
 
 ``random_resize_back(lq, size, generator, modes) -> (lq_resized, modes_used)``
-    SPEC §8: "LQ resized back to 512 with a random mode from {nearest, bilinear, bicubic}".
+    docs/method.md#stage-1: LQ resized back to 512 with a mode drawn from {nearest, bilinear, bicubic}.
 
 Pipeline (Wang et al., Real-ESRGAN, ICCVW 2021, §3 and its reference training code):
 
@@ -73,7 +73,7 @@ def _pair(x: Sequence[float]) -> tuple[float, float]:
 
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN degradation parameters; the defaults are SPEC §8 (Real-ESRGAN x4plus).
+    """Real-ESRGAN degradation parameters; defaults: docs/method.md#stage-1 (Real-ESRGAN x4plus).
 
     Ranges are (low, high) pairs; ``*_probs`` follow the order of the names they refer to
     (kernel types: :data:`codsr.data.kernels.KERNEL_TYPES`; resize: up, down, keep).
@@ -116,7 +116,7 @@ class DegradationConfig:
     final_sinc_prob: float = 0.8
     final_sinc_cutoff: tuple[float, float] = (_PI / 3, _PI)
     resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
-    # SPEC §8: LQ is resized back to the HQ size with one of these, chosen per sample
+    # docs/method.md#stage-1: LQ is resized back to the HQ size with one of these, chosen per sample
     resize_back_modes: tuple[str, ...] = ("nearest", "bilinear", "bicubic")
 
     def __post_init__(self) -> None:
@@ -196,7 +196,7 @@ class DegradationConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> DegradationConfig:
-        """Build from a (YAML) mapping, overriding the SPEC defaults; unknown keys are an error."""
+        """Build from a (YAML) mapping, overriding the method's defaults; unknown keys are an error."""
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -417,7 +417,7 @@ def degrade(
     config: DegradationConfig | None = None,
     kernels: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Real-ESRGAN second-order degradation of ``hq`` (B, 3, H, W) in [0, 1] (SPEC §8).
+    """Real-ESRGAN second-order degradation of ``hq`` (B, 3, H, W) in [0, 1] (docs/method.md#stage-1).
 
     Returns LQ of shape (B, 3, H // scale, W // scale) in [0, 1], rounded to multiples of 1/255.
     ``generator`` must be a CPU generator; ``kernels`` (optional) provides pre-drawn per-sample
@@ -496,7 +496,7 @@ def resize_back(lq: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
 def random_resize_back(
     lq: torch.Tensor, size: tuple[int, int], generator: torch.Generator, modes: Sequence[str] | None = None
 ) -> tuple[torch.Tensor, list[str]]:
-    """Resize each sample back to ``size`` with a mode drawn from ``modes`` (SPEC §8: nearest/bilinear/bicubic)."""
+    """Resize each sample back to ``size`` with a mode drawn from ``modes`` (docs/method.md#stage-1)."""
     modes = tuple(modes or DegradationConfig.resize_back_modes)
     chosen = [_random_mode(generator, modes) for _ in range(lq.shape[0])]
     out = torch.empty((*lq.shape[:2], *size), dtype=lq.dtype, device=lq.device)

@@ -1,6 +1,6 @@
 """Baseline JPEG compression round trip in torch (batched, per-sample quality, CPU or GPU).
 
-Used by the Real-ESRGAN degradation (SPEC §8, "JPEG quality [30, 95]"). It follows the baseline
+Used by the Real-ESRGAN degradation (docs/method.md#stage-1, JPEG quality [30, 95]). It follows the baseline
 JPEG codec (ITU-T T.81) as libjpeg runs it with default settings:
 
 1. RGB → YCbCr (JFIF, full range, offset 128 for chroma);

@@ -1,4 +1,4 @@
-"""Blur and sinc kernels of the Real-ESRGAN degradation model (SPEC §8), written in torch.
+"""Blur and sinc kernels of the Real-ESRGAN degradation model (docs/method.md#stage-1), written in torch.
 
 All kernels are built on the integer grid ``-(k//2) .. k//2`` (``k`` odd), with ``x`` the column
 (horizontal) and ``y`` the row (vertical) coordinate, and are normalised to sum to 1.
@@ -40,7 +40,7 @@ __all__ = [
     "choice",
 ]
 
-# Order matters: SPEC §8 gives the probabilities in this order.
+# Order matters: docs/method.md#stage-1 gives the probabilities in this order.
 KERNEL_TYPES: tuple[str, ...] = (
     "iso",
     "aniso",

@@ -1,4 +1,4 @@
-"""``codsr make-lq``: pre-degrade HQ images into a paired LQ folder (SPEC §8, offline LR folders).
+"""``codsr make-lq``: pre-degrade HQ images into a paired LQ folder (docs/method.md#stage-1).
 
 Writes ``OUT/lq/<relative path>.png`` (Real-ESRGAN degradation, LQ at HQ/scale). With ``--crop N``
 a random N×N crop is degraded and the crop is written to ``OUT/hq/<relative path>.png`` too, so
@@ -46,10 +46,19 @@ def _load_config(path: str | None) -> Any:
     return DegradationConfig.from_dict(data.get("degradation", data))
 
 
+def _write_png(path: Path, arr: Any) -> None:
+    """uint8 H×W×3 array → PNG at ``path``, atomically (a killed run leaves no truncated file)."""
+    from PIL import Image
+
+    from codsr.atomic import atomic_write
+
+    image = Image.fromarray(arr)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
     from codsr.data.datasets import derive_seed, list_images, load_image, pad_to_size
     from codsr.data.degradation import degrade
@@ -77,14 +86,12 @@ def run(args: argparse.Namespace) -> int:
             top = int(torch.randint(0, arr.shape[0] - c + 1, (1,), generator=g))
             left = int(torch.randint(0, arr.shape[1] - c + 1, (1,), generator=g))
             arr = arr[top : top + c, left : left + c]
-            (out / "hq" / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(out / "hq" / rel)
+            _write_png(out / "hq" / rel, arr)
         h, w = arr.shape[:2]
         arr = arr[: h - h % s, : w - w % s]
         hq = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] / 255
         lq = degrade(hq, g, cfg)[0]
         lq8 = (lq * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        (out / "lq" / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(lq8).save(out / "lq" / rel)
+        _write_png(out / "lq" / rel, lq8)
     print(f"wrote {len(sources) - failed} LQ images to {out / 'lq'} ({failed} skipped)")
     return 1 if failed == len(sources) else 0

@@ -1,4 +1,4 @@
-"""Evaluation with the CODSR paper's Table 1 protocol (SPEC §10), every number's provenance recorded.
+"""Evaluation by the paper's Table 1 protocol (docs/method.md#evaluation), with every number's provenance.
 
 - :func:`psnr_y`, :func:`ssim_y`: Y-channel (BT.601) PSNR/SSIM of uint8 RGB arrays, numpy only,
   reproducing pyiqa's ``psnr``/``ssim`` (``test_y_channel=True, color_space='ycbcr'``).
@@ -6,14 +6,13 @@
   ``per_image.csv``, ``summary.md`` (Table 1 layout) and ``evaluation.json``.
 - Learned metrics (LPIPS, DISTS, NIQE, MUSIQ, MANIQA, CLIPQA) through the optional pyiqa extra.
 - :func:`restore_folder`, :func:`run_benchmark`: resumable "restore a benchmark folder, then
-  evaluate it" with per-image seeds.
+  evaluate it" with per-image seeds (:func:`image_seed`, the formula ``codsr upscale`` uses).
 """
 
 from codsr.evaluation.benchmark import (
     RestoreSummary,
     ResumeMismatchError,
     make_pipeline_restorer,
-    per_image_seed,
     restore_folder,
     run_benchmark,
 )
@@ -30,6 +29,7 @@ from codsr.evaluation.pyiqa_backend import (
 )
 from codsr.evaluation.report import table1_markdown, write_reports
 from codsr.evaluation.result import EvaluationResult, ImageScores
+from codsr.seeding import image_seed
 
 __all__ = [
     "METRICS",
@@ -45,13 +45,13 @@ __all__ = [
     "RestoreSummary",
     "ResumeMismatchError",
     "evaluate_dirs",
+    "image_seed",
     "list_images",
     "load_rgb_u8",
     "make_pipeline_restorer",
     "pair_folders",
     "pair_images",
     "parse_metric_list",
-    "per_image_seed",
     "psnr",
     "psnr_y",
     "resize_to",

@@ -4,20 +4,19 @@ The restoring part takes any callable ``restore(pil_rgb, seed) -> pil`` so it ca
 a trivial restorer (bicubic) and used with :class:`codsr.CODSRPipeline` through
 :func:`make_pipeline_restorer`.
 
-Reproducibility: each image gets its own seed, a stable function of the run's base seed and the
-LQ file name (:func:`per_image_seed`), so a run that is interrupted and resumed produces exactly
-the files an uninterrupted run would, in any order. Outputs are written to a temporary file and
-moved into place with ``os.replace``, so a kill never leaves a truncated image that a resumed run
-would skip. ``benchmark_manifest.json`` records the settings; resuming with different settings is
-refused (mixing outputs of two configurations would silently corrupt the benchmark).
+Reproducibility: each image gets its own seed, :func:`codsr.seeding.image_seed` of the run's base
+seed and the LQ file name (the same formula ``codsr upscale`` uses), so a run that is interrupted
+and resumed produces exactly the files an uninterrupted run would, in any order. Outputs and the
+manifest are written atomically (:mod:`codsr.atomic`), so a kill never leaves a truncated image
+that a resumed run would skip. ``benchmark_manifest.json`` records the settings and the seed rule;
+resuming with different settings is refused (mixing outputs of two configurations would silently
+corrupt the benchmark).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,14 +25,15 @@ from typing import Any
 
 from PIL import Image
 
+from codsr.atomic import atomic_write, atomic_write_json, remove_temp_files
 from codsr.evaluation.images import list_images, load_rgb_u8
 from codsr.evaluation.provenance import RUN_MANIFEST_NAME, package_versions
 from codsr.evaluation.result import EvaluationResult
+from codsr.seeding import SEED_RULE, image_seed
 
 RestoreFn = Callable[[Image.Image, int], Image.Image]
 ProgressFn = Callable[[int, int, str, bool], None]  # (done, total, file name, skipped)
 
-SEED_RULE = "int.from_bytes(sha256(f'{seed}:{lq_file_name}'.encode()).digest()[:8], 'big') & (2**63 - 1)"
 IMAGES_SUBDIR = "images"
 METRICS_SUBDIR = "metrics"
 
@@ -42,43 +42,14 @@ class ResumeMismatchError(RuntimeError):
     """The output folder holds a run made with different settings."""
 
 
-def per_image_seed(base_seed: int, file_name: str) -> int:
-    """Seed for one image: the first 8 bytes of sha256(f"{base_seed}:{file_name}"), 63 bits.
-
-    Depends only on the base seed and the LQ file name, never on processing order, so resumed
-    and uninterrupted runs use the same seeds (fits ``torch.Generator.manual_seed``).
-    """
-    digest = hashlib.sha256(f"{int(base_seed)}:{file_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
 def output_name(lq_path: Path) -> str:
     """Output file name for an LQ file: same stem, always PNG (lossless)."""
     return Path(lq_path).stem + ".png"
 
 
 def save_image_atomic(img: Image.Image, path: Path) -> None:
-    """Save as PNG via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _remove_stale_tmp(out_dir: Path) -> None:
-    for p in out_dir.glob(".*.tmp-*"):
-        if p.is_file():
-            p.unlink()
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Save as PNG atomically (:func:`codsr.atomic.atomic_write`)."""
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 @dataclass
@@ -118,8 +89,8 @@ def restore_folder(
     Args:
         lq_dir: folder of low-quality inputs (not recursive).
         out_dir: folder for the outputs (created).
-        restore: ``restore(pil_rgb, per_image_seed) -> PIL image``.
-        seed: base seed; each image uses :func:`per_image_seed` (seed, LQ file name).
+        restore: ``restore(pil_rgb, image_seed) -> PIL image``.
+        seed: base seed; each image uses :func:`codsr.seeding.image_seed` (seed, LQ file name).
         config: settings that determine the outputs (model, checkpoint, scale, ...); stored in the
             manifest and compared on resume.
         manifest_path: the run manifest (default ``out_dir/benchmark_manifest.json``).
@@ -140,7 +111,7 @@ def restore_folder(
         if other != p:
             raise ValueError(f"LQ files {other.name} and {p.name} would both be written as {output_name(p)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out_dir)
+    remove_temp_files(out_dir, recursive=False)
     manifest_path = Path(manifest_path) if manifest_path is not None else out_dir / RUN_MANIFEST_NAME
     # JSON round trip: the comparison on resume sees exactly what the manifest stores.
     config = json.loads(json.dumps(dict(config or {})))
@@ -160,6 +131,8 @@ def restore_folder(
         }
         if previous.get("seed") != seed:
             diffs["seed"] = (previous.get("seed"), seed)
+        if previous.get("seed_rule") != SEED_RULE:  # made with another per-image seed formula
+            diffs["seed_rule"] = (previous.get("seed_rule"), SEED_RULE)
         if diffs:
             shown = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in sorted(diffs.items()))
             raise ResumeMismatchError(
@@ -181,7 +154,7 @@ def restore_folder(
         "sessions": [*previous.get("sessions", []), {"started_utc": now, "versions": package_versions()}],
         "images": dict(previous.get("images", {})),
     }
-    _write_json_atomic(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
 
     summary = RestoreSummary(out_dir=out_dir)
     start = time.perf_counter()
@@ -192,20 +165,20 @@ def restore_folder(
             if progress is not None:
                 progress(i + 1, len(names), name, True)
             continue
-        image_seed = per_image_seed(seed, lq_path.name)
+        seed_i = image_seed(seed, lq_path.name)
         lq = Image.fromarray(load_rgb_u8(lq_path))
         t0 = time.perf_counter()
-        out = restore(lq, image_seed)
+        out = restore(lq, seed_i)
         if not isinstance(out, Image.Image):
             raise TypeError(f"restore() must return a PIL.Image for {lq_path.name}, got {type(out).__name__}")
         save_image_atomic(out, target)
         manifest["images"][name] = {
             "lq": lq_path.name,
-            "seed": image_seed,
+            "seed": seed_i,
             "size": list(out.size),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        _write_json_atomic(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
         summary.written.append(name)
         if progress is not None:
             progress(i + 1, len(names), name, False)
@@ -282,7 +255,7 @@ def make_pipeline_restorer(
 ) -> RestoreFn:
     """Wrap a :class:`codsr.CODSRPipeline` as ``restore(pil, seed)``.
 
-    Each call seeds one CPU ``torch.Generator`` (SPEC §2 reproducibility contract: posterior noise
+    Each call seeds one CPU ``torch.Generator`` (docs/method.md#generator-forward: posterior noise
     first, RGPA noise second, both from this generator).
     """
     import torch

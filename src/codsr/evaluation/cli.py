@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from codsr.precision import PRECISIONS
+
 METRIC_CHOICES = "psnr,ssim,lpips,dists,niqe,musiq,maniqa,clipiqa"
 
 EXIT_OK = 0
@@ -84,8 +86,8 @@ def register(subparsers: Any) -> None:
     bm.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="model dtype (auto: fp16 on CUDA, fp32 otherwise)",
+        choices=["auto", *PRECISIONS],
+        help="model dtype (auto: fp16 on CUDA/MPS, fp32 otherwise)",
     )
     bm.add_argument("--overwrite", action="store_true", help="recompute all outputs, replacing the manifest")
     _add_eval_options(bm)
@@ -140,14 +142,6 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resolve_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def run_benchmark_sets(args: argparse.Namespace) -> int:
     """``codsr benchmark-sets``."""
     from pathlib import Path
@@ -158,9 +152,10 @@ def run_benchmark_sets(args: argparse.Namespace) -> int:
     from codsr.evaluation.pairing import PairingError
     from codsr.evaluation.pyiqa_backend import MetricsUnavailableError, sha256_file
     from codsr.evaluation.report import table1_markdown
+    from codsr.precision import resolve_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     ckpt = Path(args.checkpoint)
     config = {
         "base_model": args.base_model,

@@ -1,6 +1,6 @@
 """BT.601 luma (the "Y channel" of SR papers), computed exactly from 8-bit RGB.
 
-SPEC §10: ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` for RGB in [0, 255], which is the
+docs/method.md#evaluation: ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` (RGB 0-255) is the
 ITU-R BT.601 studio-swing luma (range [16, 235]) that MATLAB's ``rgb2ycbcr`` and pyiqa's
 ``color_space='ycbcr'`` produce.
 
@@ -36,7 +36,7 @@ def _luma_numerator(rgb: np.ndarray) -> np.ndarray:
 
 
 def rgb_to_y(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma Y in [16, 235] as float64, not rounded (SPEC §10; used by PSNR).
+    """BT.601 luma Y in [16, 235] as float64, not rounded (docs/method.md#evaluation; used by PSNR).
 
     Args:
         rgb: uint8 array (H, W, 3), channel order R, G, B.

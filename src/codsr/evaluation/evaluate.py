@@ -1,4 +1,4 @@
-"""Evaluate a folder of SR outputs with the paper's Table 1 protocol (SPEC §10)."""
+"""Evaluate a folder of SR outputs with the paper's Table 1 protocol (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def evaluate_dirs(
     progress: ProgressFn | None = None,
     command: Sequence[str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate SR outputs in ``pred_dir`` against ``gt_dir`` with the Table 1 protocol (SPEC §10).
+    """Evaluate SR outputs in ``pred_dir`` against ``gt_dir`` (Table 1 protocol, docs/method.md#evaluation).
 
     Args:
         pred_dir: folder of SR outputs (not recursive).

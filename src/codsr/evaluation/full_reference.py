@@ -1,6 +1,6 @@
 """Full-reference fidelity metrics of the paper's Table 1: PSNR and SSIM on the BT.601 Y channel.
 
-Protocol (SPEC §10), pinned to the variant that reproduces the per-image PSNR/SSIM that
+Protocol (docs/method.md#evaluation), pinned to the variant that reproduces the per-image PSNR/SSIM that
 OSEDiff's DRealSR evaluation logged with pyiqa (``psnr``/``ssim`` with ``test_y_channel=True,
 color_space='ycbcr'``); the tests check every available image to within 1e-5 dB / 2e-6:
 
@@ -92,12 +92,12 @@ def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 255.0) -> float:
 
 
 def psnr_y(pred_u8: np.ndarray, gt_u8: np.ndarray) -> float:
-    """Y-channel PSNR (dB) of two uint8 RGB images of equal shape (SPEC §10, Table 1 "PSNR")."""
+    """Y-channel PSNR (dB) of two equal-shape uint8 RGB images (paper Table 1; docs/method.md#evaluation)."""
     _check_pair(pred_u8, gt_u8)
     return psnr(rgb_to_y(pred_u8), rgb_to_y(gt_u8), data_range=255.0)
 
 
 def ssim_y(pred_u8: np.ndarray, gt_u8: np.ndarray) -> float:
-    """Y-channel SSIM of two uint8 RGB images of equal shape (SPEC §10, Table 1 "SSIM")."""
+    """Y-channel SSIM of two equal-shape uint8 RGB images (paper Table 1; docs/method.md#evaluation)."""
     _check_pair(pred_u8, gt_u8)
     return ssim(rgb_to_y_u8(pred_u8), rgb_to_y_u8(gt_u8), data_range=255.0)

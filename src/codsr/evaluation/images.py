@@ -1,4 +1,4 @@
-"""Reading images for evaluation, listing image folders, and the resize rule (SPEC §10).
+"""Reading images for evaluation, listing image folders, and the resize rule (docs/method.md#evaluation).
 
 Images are read the way pyiqa reads them (``PIL.Image.open(path).convert("RGB")``): grayscale is
 replicated to three channels, an alpha channel is dropped (not composited), 16-bit PNGs arrive as
@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# Extensions we treat as images when listing folders (lower case).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+from codsr.imageio import IMAGE_EXTENSIONS
+
+# IMAGE_EXTENSIONS (codsr.imageio, lower case): the files treated as images when listing folders.
 
 RESIZE_RULE = (
     "prediction resized to the ground-truth size with Pillow bicubic (Image.BICUBIC) on 8-bit RGB "

@@ -1,4 +1,4 @@
-"""The metrics of the paper's Table 1 and how each one is computed (SPEC §10).
+"""The metrics of the paper's Table 1 and how each one is computed (docs/method.md#evaluation).
 
 ``psnr`` and ``ssim`` are built in (numpy, :mod:`codsr.evaluation.full_reference`); the learned
 metrics run through pyiqa, pinned to the variants the paper names. This table is the single
@@ -69,7 +69,6 @@ ALIASES: dict[str, str] = {
     "lpips-alex": "lpips",
 }
 
-BUILTIN_METRICS: tuple[str, ...] = tuple(n for n, s in METRICS.items() if s.backend == "builtin")
 TABLE1_ORDER: tuple[str, ...] = tuple(METRICS)
 
 

@@ -42,7 +42,7 @@ def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, s
 
 
 def protocol_record() -> dict[str, Any]:
-    """The fixed evaluation protocol (SPEC §10) in machine-readable form."""
+    """The fixed evaluation protocol (docs/method.md#evaluation) in machine-readable form."""
     return {
         "crop_border": 0,
         "colour_space": "Y of YCbCr, ITU-R BT.601: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, RGB in [0, 255]",

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from codsr.atomic import atomic_write_json, atomic_write_text
 from codsr.evaluation.metrics import METRICS, TABLE1_ORDER
 from codsr.evaluation.result import EvaluationResult
 
 CSV_NAME = "per_image.csv"
 MARKDOWN_NAME = "summary.md"
 JSON_NAME = "evaluation.json"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
 
 
 def per_image_csv(result: EvaluationResult) -> str:
@@ -83,9 +76,7 @@ def write_reports(result: EvaluationResult, out_dir: str | Path) -> dict[str, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / CSV_NAME, "markdown": out / MARKDOWN_NAME, "json": out / JSON_NAME}
-    _atomic_write_text(paths["csv"], per_image_csv(result))
-    _atomic_write_text(paths["markdown"], table1_markdown([result]))
-    _atomic_write_text(
-        paths["json"], json.dumps(result.to_dict(), indent=2, ensure_ascii=False, allow_nan=True) + "\n"
-    )
+    atomic_write_text(paths["csv"], per_image_csv(result))
+    atomic_write_text(paths["markdown"], table1_markdown([result]))
+    atomic_write_json(paths["json"], result.to_dict(), indent=2, allow_nan=True)
     return paths

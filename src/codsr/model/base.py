@@ -1,4 +1,4 @@
-"""Loading the Stable Diffusion 2.1-base components (SPEC §1) with clear errors."""
+"""Loading the Stable Diffusion 2.1-base components (docs/method.md#base-model) with clear errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from codsr.model.checkpoint import DEFAULT_BASE_MODEL
 
 # Stability AI removed the original repository from the Hub in late 2025; this mirror holds
-# identical weights (SPEC §1).
+# identical weights (docs/method.md#base-model).
 BASE_MODEL_MIRROR = DEFAULT_BASE_MODEL
 ORIGINAL_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 

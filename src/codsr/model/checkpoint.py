@@ -1,6 +1,6 @@
 """CODSR checkpoints: the release's ``codsr.pkl`` (stage 1 and 2) and our safetensors format.
 
-Release format (SPEC §6): a ``torch.save`` dict of plain containers and tensors, loadable with
+Release format (docs/method.md#checkpoint-format): ``torch.save`` of plain containers/tensors, loadable with
 ``weights_only=True``. Our format: one ``.safetensors`` file whose tensors are prefixed ``vae.``,
 ``unet.`` and ``sft.`` and whose header metadata holds a JSON document (ranks, module lists,
 base model id/revision, default timestep). Both convert to each other losslessly.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from codsr.atomic import atomic_path
 from codsr.model.lora import UNET_GROUPS, VAE_ADAPTER, unet_adapter_name, unique
 
 FORMAT_NAME = "codsr"
@@ -213,23 +213,16 @@ class CODSRCheckpoint:
         """Write atomically; ``format`` is ``"safetensors"`` or ``"release"`` (default: by suffix)."""
         path = Path(path)
         fmt = format or ("safetensors" if path.suffix == ".safetensors" else "release")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        if fmt not in ("safetensors", "release"):
+            raise ValueError(f"unknown checkpoint format {fmt!r}; use 'safetensors' or 'release'")
+        with atomic_path(path) as tmp:
             if fmt == "safetensors":
                 from safetensors.torch import save_file
 
                 tensors, meta = self.to_safetensors_dict()
                 save_file(tensors, tmp, metadata=meta)
-            elif fmt == "release":
-                torch.save(self.to_release_dict(), tmp)
             else:
-                raise ValueError(f"unknown checkpoint format {fmt!r}; use 'safetensors' or 'release'")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                torch.save(self.to_release_dict(), tmp)
         return path
 
 

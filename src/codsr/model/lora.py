@@ -1,4 +1,4 @@
-"""LoRA layout of CODSR (SPEC §5) on the stock diffusers UNet/VAE, with peft.
+"""LoRA layout of CODSR (docs/method.md#lora-layout) on the stock diffusers UNet/VAE, with peft.
 
 Module lists are built exactly as the release builds them (so exported checkpoints carry the same
 lists); adapters are injected with peft (training) or merged straight into the base weights
@@ -23,7 +23,7 @@ UNET_LORA_PATTERNS = (
 VAE_ADAPTER = "default_encoder"
 UNET_GROUPS = ("encoder", "decoder", "others")
 ALIGNMENT_SUFFIX = "_alignment"
-# peft's default lora_alpha; the release never sets it, so the scale is 8 / r (SPEC §5).
+# peft's default lora_alpha; the release never sets it, so the scale is 8 / r (docs/method.md#lora-layout).
 RELEASE_LORA_ALPHA = 8
 
 
@@ -42,7 +42,7 @@ def _lora_candidate_names(model: nn.Module) -> Iterable[str]:
 
 
 def vae_lora_target_modules(vae: nn.Module) -> list[str]:
-    """VAE encoder LoRA targets as the release lists them, duplicates included (SPEC §5/§6).
+    """VAE encoder LoRA targets as the release lists them, duplicates included (docs/method.md#lora-layout).
 
     A name appears once per matching pattern, and ``quant_conv`` once per pattern: the on-disk
     list repeats names, and loaders treat it as a set.
@@ -59,7 +59,7 @@ def vae_lora_target_modules(vae: nn.Module) -> list[str]:
 
 
 def unet_lora_target_modules(unet: nn.Module) -> dict[str, list[str]]:
-    """UNet LoRA targets routed to the encoder / decoder / others groups (SPEC §5)."""
+    """UNet LoRA targets routed to the encoder / decoder / others groups (docs/method.md#lora-layout)."""
     groups: dict[str, list[str]] = {g: [] for g in UNET_GROUPS}
     for n in _lora_candidate_names(unet):
         module = n[: -len(".weight")]

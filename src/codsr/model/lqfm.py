@@ -1,4 +1,4 @@
-"""LQFM: LQ-guided feature modulation (paper §3.2, Eq. 4; SPEC §4).
+"""LQFM: LQ-guided feature modulation (paper §3.2, Eq. 4; docs/method.md#lqfm).
 
 A spatial feature transform (SFT) computed from the pixel-unshuffled LQ image modulates the output
 of the stock UNet's ``conv_in``:  h0 = conv_in(z_t)·(1 + γ/w_t) + β/w_t.  The UNet itself is not

@@ -1,4 +1,4 @@
-"""RGPA: region-adaptive generative prior activation (paper §3.1, Eq. 1-3; SPEC §3).
+"""RGPA: region-adaptive generative prior activation (paper §3.1, Eq. 1-3; docs/method.md#rgpa).
 
 The LQ image's Sobel gradient magnitude, averaged over 16×16 pixel patches and mapped through a
 "floor + ramp" curve, weights the Gaussian noise added to the LQ latent: flat regions get little
@@ -18,7 +18,7 @@ _GRAY = (0.299, 0.587, 0.114)
 
 @dataclass(frozen=True)
 class RGPAParams:
-    """Constants of the weight map (SPEC §3); exposed as advanced parameters.
+    """Constants of the weight map (docs/method.md#rgpa); exposed as advanced parameters.
 
     ``floor`` applies at patch means ``<= low``, ``1.0`` at means ``> high``, linear in between.
     ``patch`` is the averaging patch in image pixels; each patch covers ``patch // 8`` latent cells.
@@ -37,7 +37,7 @@ def sobel_magnitude(x_l: torch.Tensor) -> torch.Tensor:
     """L1 Sobel gradient magnitude |gx| + |gy| of the BT.601 gray image of ``x_l`` ∈ [-1, 1].
 
     Cross-correlation with kx = [[-1,0,1],[-2,0,2],[-1,0,1]], ky = kxᵀ and replicate padding
-    (SPEC §3). Returns B×1×H×W in float32.
+    (docs/method.md#rgpa). Returns B×1×H×W in float32.
     """
     x = x_l.float() * 0.5 + 0.5
     gray = _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
@@ -48,7 +48,7 @@ def sobel_magnitude(x_l: torch.Tensor) -> torch.Tensor:
 
 
 def patch_weight(p: torch.Tensor, params: RGPAParams = DEFAULT_RGPA) -> torch.Tensor:
-    """Piecewise map of patch means: floor, linear ramp to 1, then 1 (UPSR-style; SPEC §3).
+    """Piecewise map of patch means: floor, linear ramp to 1, then 1 (UPSR-style; docs/method.md#rgpa).
 
     Evaluated as ``slope·(p − low) + floor`` on the ramp, the release's form, so results match it
     to the last bit (the algebraically equal ``floor + (1 − floor)·ramp`` differs by an ulp).

@@ -1,4 +1,4 @@
-"""Colour correction of the SR output towards the upsampled LQ (SPEC §7; StableSR's two methods).
+"""Colour correction of the SR output towards the upsampled LQ (docs/method.md#inference; StableSR's two methods).
 
 Both work on B×3×H×W tensors in [0, 1] and return [0, 1].
 """

@@ -1,4 +1,4 @@
-"""Conversions between user image types and tensors, and the release's resize rules (SPEC §7)."""
+"""Conversions between user image types and tensors, and the release's resize rules (docs/method.md#inference)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Latent (UNet) tiling with Gaussian blending (SPEC §7).
+"""Latent (UNet) tiling with Gaussian blending (docs/method.md#inference; docs/inference.md#tiling).
 
 The release splits the latent into T×T tiles with overlap O, runs the UNet per tile and blends the
 ε predictions with Gaussian weights. Two quirks of the release are reproduced only on request

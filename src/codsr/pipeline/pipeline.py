@@ -1,8 +1,9 @@
-"""CODSRPipeline: one-step CODSR super-resolution of images (SPEC §2, §7).
+"""CODSRPipeline: one-step CODSR super-resolution of images (docs/method.md#inference).
 
-``restore`` is the bare generator on a prepared LQ tensor (reproducible from one seeded CPU
-generator); ``__call__`` adds the release's image handling: resizing, tagging, prompt assembly,
-colour correction and output conversion.
+``restore`` is the model's forward (:meth:`codsr.model.codsr.CODSRModel.forward`) on a prepared LQ
+tensor, with its stages tiled by a :class:`~codsr.pipeline.tiling.TilePlan` (reproducible from one
+seeded CPU generator); ``__call__`` adds the release's image handling: resizing, tagging, prompt
+assembly, colour correction and output conversion.
 """
 
 from __future__ import annotations
@@ -18,20 +19,12 @@ from PIL import Image
 
 from codsr.model.base import BASE_MODEL_MIRROR, load_base_components
 from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint, load_checkpoint
-from codsr.model.generator import CODSRGenerator, randn
+from codsr.model.codsr import CODSRModel
 from codsr.pipeline.color_fix import color_fix as apply_color_fix
 from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
-from codsr.pipeline.latent_tiling import batched_noise_prediction, tiled_noise_prediction
-from codsr.pipeline.release_vae_tiling import release_tiled_decoder_forward, release_tiled_encoder_forward
-from codsr.pipeline.vae_tiling import tiled_decode, tiled_encode_moments
+from codsr.pipeline.tiled_stages import tiled_stages
+from codsr.pipeline.tiling import TilePlan, plan
 
-# Automatic tiling thresholds: the release's defaults (encoder tile 1024 px, decoder tile 224
-# latent px, UNet tile 150 latent px with overlap 50). VAE tiling is exact here, so these only
-# trade memory for a little halo overhead.
-DEFAULT_VAE_ENCODER_TILE = 1024
-DEFAULT_VAE_DECODER_TILE = 224 * 8
-DEFAULT_LATENT_TILE = 150
-DEFAULT_LATENT_OVERLAP = 50
 MAX_TIMESTEP = 999
 
 Tagger = Callable[[torch.Tensor], Sequence[str]]
@@ -46,7 +39,7 @@ def default_device() -> torch.device:
 
 
 def assemble_prompt(tags: str, user_prompt: str | None) -> str:
-    """The release's prompt format ``f"{tags}, {user_prompt},"`` (SPEC §7)."""
+    """The release's prompt format ``f"{tags}, {user_prompt},"`` (docs/method.md#inference)."""
     return f"{tags}, {user_prompt or ''},"
 
 
@@ -55,7 +48,7 @@ class CODSRPipeline:
 
     def __init__(
         self,
-        generator: CODSRGenerator,
+        generator: CODSRModel,
         text_encoder: torch.nn.Module,
         tokenizer: Any,
         *,
@@ -100,7 +93,7 @@ class CODSRPipeline:
         comps = load_base_components(
             base_model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+        gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
         default_t = DEFAULT_TIMESTEP
         if checkpoint is None:
             warnings.warn(
@@ -150,7 +143,32 @@ class CODSRPipeline:
         ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
-    # ------------------------------------------------------------------ the generator
+    # ------------------------------------------------------------------ tiling
+    def plan_tiles(
+        self,
+        image: Any,
+        upscale: float = 4,
+        *,
+        max_memory: float | str | None = None,
+        tile_plan: TilePlan | None = None,
+        release_compat: bool = False,
+    ) -> TilePlan:
+        """The :class:`TilePlan` that ``pipe(image, upscale, max_memory=..., tile_plan=...)`` would use.
+
+        ``image``: anything ``__call__`` accepts, or the input's ``(height, width)``. The plan is
+        for the processing size (the release's resize rules) and the memory in use now.
+        """
+        if isinstance(image, tuple) and len(image) == 2 and all(isinstance(v, int) for v in image):
+            b, (h0, w0) = 1, image
+        else:
+            b, _, h0, w0 = to_tensor01(image).shape
+        width, height = processing_size(w0, h0, upscale)
+        return plan(
+            height, width, device=self.device, dtype=self.dtype, max_memory=max_memory, tile_plan=tile_plan,
+            batch=b, release_compat=release_compat,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the model
     @torch.no_grad()
     def restore(
         self,
@@ -158,47 +176,33 @@ class CODSRPipeline:
         prompt: str | Sequence[str] = "",
         timestep: int | None = None,
         generator: torch.Generator | None = None,
-        latent_tile_size: int | None = None,
-        latent_tile_overlap: int | None = None,
-        vae_encoder_tile_size: int | None = None,
-        vae_decoder_tile_size: int | None = None,
+        tile_plan: TilePlan | None = None,
+        max_memory: float | str | None = None,
         release_compat: bool = False,
         prompt_embeds: torch.Tensor | None = None,
-        max_memory: float | str | None = None,
-        vae_offload: str | None = None,
     ) -> torch.Tensor:
         """Restore LQ images already at the output size: B×3×H×W in [-1, 1] → same shape in [-1, 1].
 
+        Runs :meth:`CODSRModel.forward <codsr.model.codsr.CODSRModel.forward>` with ``decode=True``.
         Noise: with a CPU ``generator`` seeded s, the posterior noise is drawn first and the RGPA
-        noise second, both float32 with the latent's shape (SPEC §2), whatever the device/dtype.
+        noise second, both float32 with the latent's shape, whatever the device/dtype
+        (docs/method.md#generator-forward).
 
-        Tiling: ``None`` = automatic (UNet tiles of 150 latent px with overlap 50 when h·w > 150²;
-        VAE encoder/decoder tiles of 1024/1792 image px); an int forces that size. Tile sizes of
-        the VAE are in image pixels. By default UNet tiles run as one batch with GroupNorm
+        Tiling (:class:`TilePlan`, docs/inference.md#tiling): ``tile_plan`` given → used as is;
+        else ``max_memory`` (GB, or ``"auto"`` = from free memory) → the planner picks the largest
+        tiles whose predicted peak fits (docs/memory.md; falls back to UNet tiles one by one);
+        else the automatic plan. With both, the plan is used as is and a warning says when its
+        predicted peak exceeds the budget. By default UNet tiles run as one batch with GroupNorm
         statistics pooled across tiles and exact blending; ``release_compat=True`` runs them one
         by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp) and
         uses the release's approximate tiled VAE (its own trigger: max side > tile + 2·pad).
-
-        Memory: ``max_memory`` (GB, or ``"auto"`` = from free memory) picks the tile sizes not
-        given explicitly so that the predicted peak stays under the budget (docs/memory.md);
-        ``vae_offload`` (``"cpu"``/``"disk"``) parks idle VAE tiles off the device.
         """
-        gen = self.generator
         x = _validate_lq(lq)
-        sequential_unet = False
         b, _, height, width = x.shape
-        if max_memory is not None:
-            from codsr.pipeline.memory import budget_tile_kwargs
-
-            tiles = budget_tile_kwargs(
-                self, tuple(x.shape), max_memory, release_compat=release_compat,
-                vae_encoder_tile_size=vae_encoder_tile_size, vae_decoder_tile_size=vae_decoder_tile_size,
-                latent_tile_size=latent_tile_size, latent_tile_overlap=latent_tile_overlap, vae_offload=vae_offload,
-            )  # fmt: skip
-            vae_encoder_tile_size, vae_decoder_tile_size = tiles["vae_encoder_tile_size"], tiles["vae_decoder_tile_size"]
-            latent_tile_size, latent_tile_overlap = tiles["latent_tile_size"], tiles["latent_tile_overlap"]
-            vae_offload = tiles["vae_offload"]
-            sequential_unet = tiles["sequential_unet"]
+        tile_plan = plan(
+            height, width, device=self.device, dtype=self.dtype, max_memory=max_memory, tile_plan=tile_plan,
+            batch=b, release_compat=release_compat,
+        )  # fmt: skip
         x = x.to(self.device, self.dtype)
         t = int(self.default_timestep if timestep is None else timestep)
         if not 0 <= t <= MAX_TIMESTEP:
@@ -209,59 +213,9 @@ class CODSRPipeline:
                 raise ValueError(f"got {len(prompts)} prompts for a batch of {b} images")
             prompt_embeds = self.encode_prompt(prompts)
         prompt_embeds = prompt_embeds.to(self.device, self.dtype)
-
-        enc_tile = DEFAULT_VAE_ENCODER_TILE if vae_encoder_tile_size is None else int(vae_encoder_tile_size)
-        if release_compat:
-            # The release's approximate tiled VAE, which decides itself whether to tile.
-            h_enc = release_tiled_encoder_forward(gen.vae.encoder, x.to(gen.vae.dtype), enc_tile)
-            moments = gen.vae.quant_conv(h_enc.to(gen.vae.quant_conv.weight.dtype))
-        elif max(height, width) > enc_tile:
-            moments = tiled_encode_moments(gen.vae, x, enc_tile, offload=vae_offload)
-        else:
-            moments = gen.encode_moments(x)
-        h, w = moments.shape[-2:]
-        shape = (b, moments.shape[1] // 2, h, w)
-        posterior_noise = randn(shape, generator, self.device)  # 1st draw
-        rgpa_noise = randn(shape, generator, self.device)  # 2nd draw
-        z_l = gen.latent_from_moments(moments, posterior_noise)
-        del moments
-        timesteps = torch.full((b,), t, dtype=torch.long, device=self.device)
-        z_t, eps_a, _ = gen.noisy_latent(x, z_l, timesteps, rgpa_noise)
-        _, _, w_t = gen.time_coefficients(timesteps)
-        scale, shift = gen.modulation(x, w_t)
-        # Held in a dict so they can be freed before the (memory-hungry) decode.
-        unet_inputs = {"z_t": z_t, "scale": scale, "shift": shift}
-        del z_t, scale, shift
-
-        def predict(ys: slice, xs: slice) -> torch.Tensor:
-            m = {k: v[..., ys, xs] for k, v in unet_inputs.items()}
-            return gen.predict_noise(m["z_t"], timesteps, prompt_embeds, m["scale"], m["shift"])
-
-        def predict_batch(windows: list[tuple[slice, slice]]) -> torch.Tensor:
-            m = {k: torch.cat([v[..., ys, xs] for ys, xs in windows]) for k, v in unet_inputs.items()}
-            n = len(windows)
-            return gen.predict_noise(m["z_t"], timesteps.repeat(n), prompt_embeds.repeat(n, 1, 1), m["scale"], m["shift"])
-
-        tile = DEFAULT_LATENT_TILE if latent_tile_size is None else int(latent_tile_size)
-        overlap = DEFAULT_LATENT_OVERLAP if latent_tile_overlap is None else int(latent_tile_overlap)
-        overlap = min(overlap, max(0, min(tile, h, w) - 1))
-        if release_compat or sequential_unet:
-            eps = tiled_noise_prediction(predict, shape, tile, overlap, release_compat, self.device)
-        else:
-            eps = batched_noise_prediction(predict_batch, shape, tile, overlap, gen.unet, self.device)
-        unet_inputs.clear()
-        z_h = gen.denoise(z_l, eps_a, eps, w_t)
-
-        dec_tile = (DEFAULT_VAE_DECODER_TILE if vae_decoder_tile_size is None else int(vae_decoder_tile_size)) // 8
-        if release_compat:
-            z = gen.vae.post_quant_conv(z_h.to(gen.vae.dtype) / gen.scaling_factor)  # the release casts, then divides
-            out = release_tiled_decoder_forward(gen.vae.decoder, z, dec_tile).clamp(-1, 1)
-        elif max(h, w) > dec_tile:
-            z = (z_h / gen.scaling_factor).to(gen.vae.dtype)
-            out = tiled_decode(gen.vae, z, dec_tile, offload=vae_offload).clamp(-1, 1)
-        else:
-            out = gen.decode(z_h)
-        return out.float()
+        stages = tiled_stages(self.generator, tile_plan, release_compat=release_compat)
+        out = self.generator(x, prompt_embeds, t, generator=generator, stages=stages, decode=True)
+        return out.x_h.float()
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
@@ -275,7 +229,9 @@ class CODSRPipeline:
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         tags: str | Sequence[str] | None = None,
-        **restore_kwargs: Any,
+        tile_plan: TilePlan | None = None,
+        max_memory: float | str | None = None,
+        release_compat: bool = False,
     ) -> Any:
         """Super-resolve ``image`` by ``upscale``.
 
@@ -284,6 +240,8 @@ class CODSRPipeline:
         ``output_type`` "pil", "np" (float32 [0,1], H×W×3 or B×H×W×3) or "pt" (B×3×H×W [0,1]).
         The output is exactly ``round(upscale·W) × round(upscale·H)``: the release's resize rules
         are applied for processing, then small inputs are resized back (the release forgets to).
+        ``tile_plan``, ``max_memory`` and ``release_compat`` as in :meth:`restore`;
+        :meth:`plan_tiles` tells which plan a call will use.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
@@ -302,7 +260,10 @@ class CODSRPipeline:
             raise ValueError(f"image of {w0}×{h0} px is too small to process at ×{upscale}")
 
         prompts = self._prompts(lq01, prompt, tags, b)
-        out = self.restore(lq01 * 2 - 1, prompt=prompts, timestep=timestep, generator=generator, **restore_kwargs)
+        out = self.restore(
+            lq01 * 2 - 1, prompt=prompts, timestep=timestep, generator=generator, tile_plan=tile_plan,
+            max_memory=max_memory, release_compat=release_compat,
+        )  # fmt: skip
         out01 = apply_color_fix((out.cpu() + 1) / 2, lq01, color_fix)
         if tuple(out01.shape[-1:-3:-1]) != target:
             out01 = resize_image(out01, target, Image.LANCZOS)
@@ -322,6 +283,12 @@ class CODSRPipeline:
         if tags is None and self.tagger is not None:
             tag_list = list(self.tagger(lq01.to(self.device)))
         return [assemble_prompt(t or "", p) for t, p in zip(tag_list, per_image(prompt, "prompts"), strict=True)]
+
+
+def processing_size(width: int, height: int, upscale: float) -> tuple[int, int]:
+    """(W, H) that ``__call__`` restores at for an input of ``width × height`` (the release's resize chain)."""
+    steps = release_input_size(width, height, upscale)
+    return steps[-1][0] if steps else (width, height)
 
 
 def _validate_lq(lq: torch.Tensor) -> torch.Tensor:

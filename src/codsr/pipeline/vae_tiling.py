@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from codsr.pipeline.memory import release_host_memory
+from codsr.hostmem import release_host_memory
 
 # Receptive-field radius of the tiled parts of the SD VAE, rounded up: encoder conv_in + down
 # blocks ≈ 75 input px (kept a multiple of 8 for stride alignment); decoder up blocks + conv_out
@@ -388,10 +388,6 @@ def _assemble_into(out: torch.Tensor, runner: _TiledRunner) -> None:
         y0, x0 = round((tl.y.start + tl.y.core0) * fy), round((tl.x.start + tl.x.core0) * fx)
         core = runner._core(i, t)
         out[..., y0 : y0 + core.shape[-2], x0 : x0 + core.shape[-1]] = core
-
-
-def needs_tiling(h: int, w: int, tile: int | None) -> bool:
-    return tile is not None and max(h, w) > tile
 
 
 def _take_tile(runner: _TiledRunner, i: int) -> torch.Tensor:

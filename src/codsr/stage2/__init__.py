@@ -1,4 +1,4 @@
-"""Stage-2 building blocks of CODSR (SPEC §9): TMG nouns, masks, attention capture, losses, VSD.
+"""Stage-2 building blocks (docs/method.md#stage-2): TMG nouns, masks, attention capture, losses, VSD.
 
 Submodules (imported lazily so that ``codsr --help`` stays fast):
 

@@ -1,4 +1,4 @@
-"""Cross-attention probability capture for text-matching guidance (paper §3.3, SPEC §9 "TMG").
+"""Cross-attention probability capture for text-matching guidance (paper §3.3; docs/method.md#stage-2).
 
 :class:`CrossAttentionCapture` puts a :class:`CapturingCrossAttnProcessor` on the UNet's
 cross-attention (``attn2``) layers it is told to watch, leaving every other processor as it was

@@ -67,8 +67,8 @@ def _caption_function(args: argparse.Namespace, device: str):
     from codsr.tagging.hub import DEFAULT_RAM
     from codsr.tagging.tagger import RAMTagger
 
-    dtype = "fp16" if device.startswith("cuda") else "fp32"
-    tagger = RAMTagger.from_pretrained(args.ram or DEFAULT_RAM, device=device, torch_dtype=dtype)
+    # torch_dtype=None: the device's default precision (codsr.precision.default_precision)
+    tagger = RAMTagger.from_pretrained(args.ram or DEFAULT_RAM, device=device, torch_dtype=None)
 
     def from_ram(key: str, path: Path, crop_image) -> tuple[str, str]:
         return tagger.tags([crop_image])[0], "ram"

@@ -1,4 +1,4 @@
-"""Stage-2 training data: HQ crops with their precomputed caption, nouns and masks (SPEC §9).
+"""Stage-2 training data: HQ crops with their precomputed caption, nouns and masks (docs/method.md#stage-2).
 
 Each item re-applies the crop stored in the image's sidecar (:mod:`codsr.stage2.masks`), flips
 image and masks together, and degrades the HQ crop with the callable it is given::
@@ -47,7 +47,7 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def realesrgan_degrade(config=None) -> Degrade:
-    """Real-ESRGAN degradation (SPEC §8) + random resize back to the crop size, as stage 1 does."""
+    """Real-ESRGAN degradation (docs/method.md#stage-1) + random resize back to the crop size, as stage 1 does."""
     from codsr.data.degradation import DegradationConfig, degrade, random_resize_back
 
     cfg = config or DegradationConfig()

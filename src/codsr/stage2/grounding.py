@@ -1,4 +1,4 @@
-"""Grounded-SAM2 masks of nouns through ``transformers`` (paper §3.3, SPEC §9 "Masks").
+"""Grounded-SAM2 masks of nouns through ``transformers`` (paper §3.3; docs/method.md#stage-2).
 
 Per noun: Grounding DINO (``IDEA-Research/grounding-dino-tiny``) with the text prompt
 ``noun.lower() + "."``, box threshold 0.4 and text threshold 0.3; the two highest-scoring boxes

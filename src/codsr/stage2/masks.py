@@ -1,4 +1,4 @@
-"""Precomputed TMG masks: crop definition, on-disk format and the resumable, shardable loop (SPEC §9).
+"""Precomputed TMG masks: crop definition, on-disk format, resumable shardable loop (docs/method.md#stage-2).
 
 Layout under the output folder, for an image whose key (path relative to the data root, e.g.
 ``sub/0001.png``) is ``KEY``::
@@ -27,17 +27,17 @@ No pickle anywhere: masks are PNGs, metadata JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from codsr.atomic import atomic_write, atomic_write_json
+from codsr.seeding import image_seed
 from codsr.tagging.tagfile import read_tag_table
 
 SIDECAR_FORMAT = 1
@@ -111,11 +111,6 @@ def mask_dir_for(out_dir: str | os.PathLike, key: str) -> Path:
 
 
 # ---------------------------------------------------------------------- crops
-def _key_seed(seed: int, key: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def choose_crop(height: int, width: int, size: int, key: str, mode: str = "center", seed: int = 0) -> CropBox:
     """The crop of an image of (height, width): centred, or drawn from (seed, key) — reproducible."""
     if mode not in CROP_MODES:
@@ -125,7 +120,7 @@ def choose_crop(height: int, width: int, size: int, key: str, mode: str = "cente
     h, w = max(height, size), max(width, size)
     if mode == "center":
         return CropBox((h - size) // 2, (w - size) // 2, size, mode, seed)
-    rng = np.random.default_rng(_key_seed(seed, key))
+    rng = np.random.default_rng(image_seed(seed, key))  # the per-image seed of codsr upscale
     return CropBox(int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)), size, mode, seed)
 
 
@@ -168,19 +163,6 @@ def lookup_caption(captions: Mapping[str, str], key: str, path: Path) -> str | N
 
 
 # ---------------------------------------------------------------------- storage
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_sidecar(out_dir: str | os.PathLike, key: str) -> dict[str, Any] | None:
     """The item's sidecar, or None when absent or unreadable (an unfinished item)."""
     path = sidecar_path(out_dir, key)
@@ -226,7 +208,8 @@ def write_item(
                 raise ValueError(f"{key}: mask of {res.noun!r} is not {crop.size}×{crop.size}")
             mdir.mkdir(parents=True, exist_ok=True)
             rel = f"{Path(key).name}.masks/{i:03d}.png"
-            Image.fromarray(np.asarray(res.mask, dtype=bool)).save(mdir / f"{i:03d}.png", optimize=True)
+            png = Image.fromarray(np.asarray(res.mask, dtype=bool))
+            atomic_write(mdir / f"{i:03d}.png", lambda f, png=png: png.save(f, format="PNG", optimize=True))
             entry["file"] = rel
         entries.append(entry)
     meta = {
@@ -241,7 +224,7 @@ def write_item(
         "masks": entries,
         **dict(extra or {}),
     }
-    _atomic_write_text(sidecar_path(out_dir, key), json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(sidecar_path(out_dir, key), meta, indent=1)
     return meta
 
 
@@ -396,12 +379,5 @@ def _fail(summary: dict[str, Any], key: str, reason: str, log: Callable[[str], N
 def write_summary(out_dir: Path, shard: tuple[int, int], summary: Mapping[str, Any]) -> Path:
     """``summary-<i>-of-<n>.json`` in the output folder."""
     path = Path(out_dir) / f"summary-{shard[0]}-of-{shard[1]}.json"
-    _atomic_write_text(path, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(path, summary, indent=1)
     return path
-
-
-def iter_sidecars(out_dir: str | os.PathLike) -> Iterable[Path]:
-    """Every sidecar JSON under ``out_dir`` (sorted), summaries excluded."""
-    for p in sorted(Path(out_dir).rglob("*.json")):
-        if not p.name.startswith(("summary-", ".tmp-")):
-            yield p

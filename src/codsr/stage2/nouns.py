@@ -1,4 +1,4 @@
-"""Nouns of a RAM tag string for text-matching guidance (paper §3.3, SPEC §9 "Nouns").
+"""Nouns of a RAM tag string for text-matching guidance (paper §3.3; docs/method.md#stage-2).
 
 The release splits the caption on ``", "`` and part-of-speech tags the resulting list *as one
 sentence whose tokens are whole tags* (``nltk.pos_tag(caption.split(", "))``; a multi-word tag
@@ -152,7 +152,7 @@ def pos_tags(words: Sequence[str], backend: str = "auto", spacy_model: str | Non
 
 
 def extract_nouns(caption: str, backend: str = "auto", spacy_model: str | None = None) -> list[str]:
-    """Tags of ``caption`` that are not adjectives (JJ/JJR/JJS), stripped, order kept (SPEC §9).
+    """Tags of ``caption`` that are not adjectives (JJ/JJR/JJS), stripped, in order (docs/method.md#stage-2).
 
     >>> extract_nouns("cat, tabby, black, whiskers", backend="spacy")  # doctest: +SKIP
     ['cat', 'tabby', 'whiskers']

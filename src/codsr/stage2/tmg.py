@@ -1,4 +1,4 @@
-"""Text-matching guidance losses (paper §3.3 and Eq. 5; SPEC §9 "TMG").
+"""Text-matching guidance losses (paper §3.3 and Eq. 5; docs/method.md#stage-2).
 
 For each noun n of a sample with a valid mask M_n (at least ``min_pixels`` positive pixels):
 
@@ -109,7 +109,7 @@ def noun_attention_maps(
 def tmg_losses(
     attn_maps: torch.Tensor, masks: torch.Tensor, min_pixels: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(L_area, L_bce, number of valid masks) for N×H×W maps and binary masks (SPEC §9).
+    """(L_area, L_bce, number of valid masks) for N×H×W maps and binary masks (docs/method.md#stage-2).
 
     Masks with fewer than ``min_pixels`` positive pixels are ignored; both losses are the mean
     over the remaining masks, and exactly 0 (still attached to the graph) when none remains.

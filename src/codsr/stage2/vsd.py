@@ -1,4 +1,4 @@
-"""Variational score distillation regulariser of stage 2 (OSEDiff; paper §3.4, SPEC §9 "VSD").
+"""Variational score distillation regulariser of stage 2 (OSEDiff; paper §3.4; docs/method.md#stage-2).
 
 One frozen SD 2.1 UNet serves both scores: the *real* score is that UNet with every LoRA
 adapter switched off, the *fake* score is the same UNet with the fake-score LoRA (rank 4, three
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codsr.model.generator import randn
+from codsr.model.codsr import randn
 from codsr.model.lora import UNET_GROUPS, activate_adapters, add_adapter, unet_lora_target_modules
 
 NEGATIVE_PROMPT = (

@@ -1,4 +1,4 @@
-"""RAM Swin-L / DAPE image tagger for CODSR's prompts (SPEC.md §7, §8, §9).
+"""RAM Swin-L / DAPE image tagger for CODSR's prompts (docs/method.md#inference, #stage-1, #stage-2).
 
 >>> from codsr.tagging import RAMTagger
 >>> tagger = RAMTagger.from_pretrained("ram_swin_large_14m.pth", dape_path="DAPE.pth")

@@ -1,10 +1,12 @@
-"""Per-key tag cache for training (SPEC.md §8/§9 prompts are RAM tags of the HQ crop).
+"""Per-key tag cache for training (prompts are RAM tags of the HQ crop: docs/method.md#stage-1).
 
 Tagging a 512² crop costs about a second on a CPU (a few ms on a GPU), and the same crop key
 comes back every epoch, so tags are stored per key in an append-only JSON-lines file
 ``<cache_dir>/<namespace>.jsonl`` (one ``{"key": ..., "tags": ...}`` object per line; the last line
-for a key wins). Appending whole lines keeps concurrent writers (data-loader workers, ranks)
-from corrupting each other's entries.
+for a key wins). Each :meth:`TagCache.put` appends its lines with one ``O_APPEND`` write
+(:func:`codsr.atomic.append_bytes`), so concurrent writers (data-loader workers, ranks) never
+interleave their entries; a line left incomplete by a killed writer is skipped on reading (its
+key is simply tagged again).
 
 The key must identify the pixels the tagger sees (e.g. ``"path.png|x0,y0,512|flip0"``); the
 namespace must identify the tagger (RAM vs RAM+DAPE), by default ``tagger.name``.
@@ -13,9 +15,14 @@ namespace must identify the tagger (RAM vs RAM+DAPE), by default ``tagger.name``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from codsr.atomic import append_bytes
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TagCache", "cached_tags"]
 
@@ -43,10 +50,14 @@ class TagCache:
             chunk = f.read()
         # Only whole lines count: another writer may be half-way through the last one.
         end = chunk.rfind(b"\n") + 1
-        for line in chunk[:end].decode("utf-8").split("\n"):
-            if line.strip():
+        for line in chunk[:end].decode("utf-8", errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
                 entry = json.loads(line)
                 self._tags[entry["key"]] = entry["tags"]
+            except (ValueError, TypeError, KeyError):  # a writer killed mid-line: re-tag that key
+                logger.warning("%s: skipping an unreadable cache line (%.60r)", self.path, line)
         self._size += end
 
     def __contains__(self, key: str) -> bool:
@@ -63,8 +74,7 @@ class TagCache:
         if not items:
             return
         text = "".join(json.dumps({"key": k, "tags": v}, ensure_ascii=False) + "\n" for k, v in items.items())
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
+        append_bytes(self.path, text.encode("utf-8"))
         self._tags.update(items)
 
     def get_or_compute(self, tagger: Callable, images, keys: Sequence[str]) -> list[str]:

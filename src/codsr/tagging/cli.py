@@ -1,4 +1,4 @@
-"""``codsr tag``: RAM / DAPE tags of image files (the prompts CODSR uses, SPEC.md §7).
+"""``codsr tag``: RAM / DAPE tags of image files (the prompts CODSR uses, docs/method.md#inference).
 
 ``codsr tag -i photo.jpg`` prints ``photo.jpg<TAB>tags`` (plain RAM);
 ``codsr tag -i lq_dir/ --dape DAPE.pth -o tags.tsv`` writes the DAPE tags of every image in a folder.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+from codsr.precision import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="weights dtype (default: fp16 on cuda, fp32 on cpu)",
+        choices=PRECISIONS,
+        help="weights dtype (default: fp16 on cuda/mps, fp32 on cpu)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("-r", "--recursive", action="store_true", help="also tag images in sub-folders")
@@ -47,10 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def list_images(root: Path, recursive: bool = False) -> list[Path]:
     """An explicit file as is; a folder's files with an image suffix, sorted."""
+    from codsr.imageio import IMAGE_EXTENSIONS  # here: keeps `codsr --help` from importing PIL
+
     if root.is_file():
         return [root]
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def read_rgb(path: Path):
@@ -62,18 +64,18 @@ def read_rgb(path: Path):
 
 
 def _write(results: list[tuple[str, str]], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix.lower() == ".json":
-        import json
+    from codsr.atomic import atomic_write_json, atomic_write_text
 
-        output.write_text(json.dumps(dict(results), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if output.suffix.lower() == ".json":
+        atomic_write_json(output, dict(results), indent=1)
     else:
-        output.write_text("".join(f"{name}\t{tags}\n" for name, tags in results), encoding="utf-8")
+        atomic_write_text(output, "".join(f"{name}\t{tags}\n" for name, tags in results))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from codsr.imageio import IMAGE_EXTENSIONS
     from codsr.tagging.tagger import RAMTagger
 
     root = Path(args.input)
@@ -88,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     files = list_images(root, args.recursive)
     if not files:
-        print(f"codsr tag: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}", file=sys.stderr)
+        known = ", ".join(sorted(IMAGE_EXTENSIONS))
+        print(f"codsr tag: no images ({known}) in {root}", file=sys.stderr)
         return 2
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
     try:
-        tagger = RAMTagger.from_pretrained(args.ram, args.dape, device=device, torch_dtype=dtype)
+        tagger = RAMTagger.from_pretrained(args.ram, args.dape, device=device, torch_dtype=args.dtype)
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
         print(f"codsr tag: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """RAM (Recognize Anything, Swin-L, 384 px) tagging network, built from timm and transformers parts.
 
-This is the tagging path of the model CODSR loads for its prompts (SPEC.md §7 for DAPE tags at
-inference, §8/§9 for RAM tags of HQ crops in training):
+The tagging path of the model CODSR loads for its prompts (docs/method.md#inference for DAPE tags at
+inference, #stage-1 and #stage-2 for RAM tags of HQ crops in training):
 
     tokens  = SwinL(x)                                   [B, 12·12, 1536]  (final LayerNorm applied)
     memory  = image_proj(cat([mean(tokens), tokens]))    [B, 145, 512]     (mean token first)

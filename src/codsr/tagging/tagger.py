@@ -1,4 +1,4 @@
-"""``RAMTagger``: images -> RAM / DAPE tag strings, as CODSR builds its prompts (SPEC.md §7, §8, §9).
+"""``RAMTagger``: images -> RAM / DAPE tag strings, as CODSR builds its prompts (docs/method.md#inference).
 
 Preprocessing is the release's (``test_codsr.py``, RAM branch): RGB in [0, 1] ->
 ``Resize((384, 384))`` bilinear on the tensor with ``antialias=False`` (torchvision 0.15's default
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from codsr.precision import resolve_dtype
 from codsr.tagging.model import RAMConfig, RAMSwinL, build_ram_swin_l
 from codsr.tagging.taglist import class_thresholds, tags_from_logits
 
@@ -21,20 +22,6 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RAMTagger", "preprocess"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}  # fmt: skip
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)}") from None
 
 
 def _pil_to_tensor(image) -> torch.Tensor:
@@ -98,7 +85,7 @@ class RAMTagger(nn.Module):
         ram_path: str | os.PathLike,
         dape_path: str | os.PathLike | None = None,
         device: torch.device | str = "cpu",
-        torch_dtype: torch.dtype | str = torch.float32,
+        torch_dtype: torch.dtype | str | None = torch.float32,
         *,
         merge_tied: bool = True,
         batch_size: int = 8,
@@ -106,6 +93,8 @@ class RAMTagger(nn.Module):
     ) -> RAMTagger:
         """Load ``ram_swin_large_14m.pth`` (+ optional ``DAPE.pth``) from paths or ``hf://`` refs.
 
+        ``torch_dtype``: a ``torch.dtype`` or a name ("fp16", "bfloat16", ...; see
+        :func:`codsr.precision.resolve_dtype`); None or "auto" = the device's default precision.
         The DAPE LoRA is merged in float32 before casting to ``torch_dtype``. ``merge_tied=False``
         rejects a DAPE file whose tied tag-encoder deltas are non-zero instead of merging them.
         See :mod:`codsr.tagging.hub` for where the files are published.
@@ -113,10 +102,14 @@ class RAMTagger(nn.Module):
         from codsr.tagging.convert import load_tagger_state_dict
         from codsr.tagging.hub import resolve_weight
 
+        try:
+            dtype = resolve_dtype(torch_dtype, device)
+        except ValueError as exc:
+            raise ValueError(f"torch_dtype: {exc}") from None
         ram_file = resolve_weight(ram_path, "ram_swin_large_14m.pth", cache_dir)
         dape_file = None if dape_path is None else resolve_weight(dape_path, "DAPE.pth", cache_dir)
         state = load_tagger_state_dict(ram_file, dape_file, merge_tied=merge_tied)
-        model = build_ram_swin_l(RAMConfig(), device=device, dtype=_as_dtype(torch_dtype))
+        model = build_ram_swin_l(RAMConfig(), device=device, dtype=dtype)
         model.load_state_dict(state, strict=True)
         del state
         tagger = cls(model, batch_size=batch_size)

@@ -1,6 +1,6 @@
 """RAM's 4,585 tag names and per-class thresholds (shipped in ``codsr/tagging/data``, Apache-2.0).
 
-Decision rule of the release (fixture ARCHITECTURE.md §3, SPEC.md §7): class ``c`` is on when
+Decision rule of the release (docs/method.md#inference): class ``c`` is on when
 ``sigmoid(logit_c) > threshold_c`` (strict); the prompt is the names of the classes that are on, in
 ascending class index, joined with ``", "``. Ten classes have threshold 1.0 and never fire.
 """

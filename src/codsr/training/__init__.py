@@ -1,1 +1,1 @@
-"""Training code for CODSR (SPEC §8 stage 1 and §9 stage 2): losses, discriminator, trainers."""
+"""Training code for CODSR (docs/method.md#stage-1 and #stage-2): losses, discriminator, trainers."""

@@ -1,6 +1,6 @@
 """DiffAugment (Zhao et al., "Differentiable Augmentation for Data-Efficient GAN Training", 2020).
 
-The stage-1 discriminator (SPEC §8, "DiffAugment (colour, translation, cutout) before the backbone")
+The stage-1 discriminator (docs/method.md#stage-1, "DiffAugment (colour, translation, cutout) before the backbone")
 augments both real and generated images with the policy ``"color,translation,cutout"``. Every op is
 differentiable w.r.t. the image, so the generator's adversarial gradient flows through it.
 

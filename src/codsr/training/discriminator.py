@@ -1,11 +1,11 @@
-"""Vision-aided DINO discriminator and its "multilevel sigmoid" GAN loss (SPEC §8, S3Diff style).
+"""Vision-aided DINO discriminator and its "multilevel sigmoid" GAN loss (docs/method.md#stage-1, S3Diff style).
 
 Pipeline of ``VisionAidedDiscriminator(x)`` for images ``x`` in [-1, 1], shape (B, 3, H, W):
 
 1. DiffAugment ``"color,translation,cutout"`` on ``x`` at its own resolution, in [-1, 1]
    (:mod:`codsr.training.diffaugment`; every draw from an explicit :class:`torch.Generator`);
 2. ``(x + 1) / 2``, ``F.interpolate(size=224, mode="area")``, normalised with mean
-   (0.48145466, 0.4578275, 0.40821073) (SPEC: 0.4815, 0.4578, 0.4082, the same values rounded) and
+   (0.48145466, 0.4578275, 0.40821073) (0.4815, 0.4578, 0.4082 rounded to 4 decimals) and
    std (0.229, 0.224, 0.225);
 3. frozen DINO ViT-B/16 (timm ``vit_base_patch16_224.dino``). Features of blocks 5, 9 and 12
    (1-based), i.e. the outputs of ``blocks[4]``, ``blocks[8]`` and ``blocks[11]``, each passed through
@@ -18,7 +18,7 @@ Pipeline of ``VisionAidedDiscriminator(x)`` for images ``x`` in [-1, 1], shape (
    SN-Conv1×1 stride 2 (128→1) → (B, 3, 3) logits; CLS → SN-Linear 768→128 → LeakyReLU 0.2 →
    SN-Linear 128→1 → (B, 1) logits. SN = ``torch.nn.utils.parametrizations.spectral_norm``.
 
-BlurPool filter and padding (choice, and why). SPEC does not fix the filter; the discriminator is
+BlurPool filter and padding (choice, and why). The method does not fix the filter; the discriminator is
 S3Diff's, i.e. the ``vision_aided_loss`` package (``cv_type='dino'``, ``conv_multi_level``), whose BlurPool default is ``filt_size=4``: the binomial filter
 ``[1, 3, 3, 1] ⊗ [1, 3, 3, 1] / 64``, depthwise, stride 1, zero padding ``(taps - 1) // 2`` per side
 plus one extra pixel before the 3×3 conv (which has no padding of its own). We default to exactly
@@ -245,7 +245,7 @@ class ClsHead(nn.Sequential):
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
-    """Discriminator settings (SPEC §8 defaults).
+    """Discriminator settings (docs/method.md#stage-1 defaults).
 
     ``feature_blocks`` are 0-based indices into ``backbone.blocks``: every index but the last gives a
     patch map, the last gives the CLS token. ``augment_seed`` seeds the discriminator's own DiffAugment
@@ -258,7 +258,7 @@ class DiscriminatorConfig:
     diffaug_policy: str = DEFAULT_POLICY
     augment_seed: int = 0
     input_size: int = 224
-    # The release's (vision_aided_loss) exact CLIP mean; SPEC §8 quotes it rounded to 4 decimals.
+    # The release's (vision_aided_loss) exact CLIP mean; often quoted rounded to 4 decimals.
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     backbone_weights: str | None = None
@@ -294,7 +294,7 @@ class VisionAidedDiscriminator(nn.Module):
         if len(blocks) < 1 or min(blocks) < 0 or max(blocks) >= depth or list(blocks) != sorted(set(blocks)):
             raise ValueError(
                 f"feature_blocks {blocks} must be increasing 0-based block indices below the backbone "
-                f"depth {depth} (SPEC: (4, 8, 11) for a 12-block ViT)"
+                f"depth {depth} (the release: (4, 8, 11) for a 12-block ViT)"
             )
         parse_policy(config.diffaug_policy)  # fail early on a bad policy string
         self.backbone = backbone.requires_grad_(False).eval()
@@ -360,7 +360,7 @@ class VisionAidedDiscriminator(nn.Module):
 
 @dataclass(frozen=True)
 class GANLossConfig:
-    """Adversarial-loss settings (SPEC §8).
+    """Adversarial-loss settings (docs/method.md#stage-1).
 
     ``weight`` scales both the generator and the discriminator terms (0.2). ``start_step``: the
     trainer adds the GAN terms from this global step on (3000; ``is_active``). Targets follow
@@ -397,7 +397,7 @@ def generator_loss(
     config: GANLossConfig = _DEFAULT_GAN,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Generator term ``weight · multilevel_sigmoid(D(fake), real_target)`` (SPEC §8).
+    """Generator term ``weight · multilevel_sigmoid(D(fake), real_target)`` (docs/method.md#stage-1).
 
     Gradients reach ``fake`` through the frozen backbone. The heads also accumulate ``.grad`` from this
     backward: the trainer must clear the discriminator's gradients (``zero_grad(set_to_none=True)``)
@@ -413,7 +413,7 @@ def discriminator_loss(
     config: GANLossConfig = _DEFAULT_GAN,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Discriminator objective ``weight · (D(real) + D(fake.detach()))`` (SPEC §8).
+    """Discriminator objective ``weight · (D(real) + D(fake.detach()))`` (docs/method.md#stage-1).
 
     Returns ``{"loss": real + fake, "real": weight·BCE(D(real), 0.8), "fake": weight·BCE(D(fake), 0)}``.
     Both images are detached, so only the heads get gradients. Real and fake get independent

@@ -1,4 +1,4 @@
-"""Stage-1 reconstruction loss: ``1·MSE(x̂, x_HQ) + 2·LPIPS-VGG(x̂, x_HQ)`` (SPEC §8 "Loss").
+"""Stage-1 reconstruction loss: ``1·MSE(x̂, x_HQ) + 2·LPIPS-VGG(x̂, x_HQ)`` (paper §3.4, docs/method.md#stage-1).
 
 LPIPS is the ``lpips`` package's VGG variant (``lpips.LPIPS(net="vgg")``, inputs in [-1, 1]). The
 package ships only its linear calibration layers; the VGG16 backbone normally comes from a torchvision
@@ -166,7 +166,7 @@ class LPIPSLoss(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    """``mse_weight·MSE(x̂, x_HQ) + lpips_weight·LPIPS(x̂, x_HQ)`` (SPEC §8: weights 1 and 2).
+    """``mse_weight·MSE(x̂, x_HQ) + lpips_weight·LPIPS(x̂, x_HQ)`` (docs/method.md#stage-1: weights 1 and 2).
 
     ``forward`` returns ``{"loss": weighted total, "mse": unweighted MSE, "lpips": unweighted batch
     mean LPIPS}``; all are float32 tensors attached to the graph (call ``.item()`` to log them).

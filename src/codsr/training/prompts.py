@@ -1,4 +1,4 @@
-"""Prompt sources for training (SPEC §8: RAM tags of the HQ crop, optional null-text dropout).
+"""Prompt sources for training (docs/method.md#stage-1: RAM tags of the HQ crop, optional null-text dropout).
 
 * ``none``: the empty prompt for every sample;
 * ``file``: one prompt per image file from a ``codsr tag`` output (``name<TAB>tags`` TSV or a JSON
@@ -71,7 +71,7 @@ def crop_key(path: str, crop_box: Sequence[int], flipped: bool) -> str:
 
 
 class RAMCropPrompts:
-    """RAM tags of HQ crops (SPEC §8), computed lazily on ``device`` and cached per crop."""
+    """RAM tags of HQ crops (docs/method.md#stage-1), computed lazily on ``device`` and cached per crop."""
 
     def __init__(self, ram_weights: str | None, cache_dir: str | os.PathLike, device: torch.device) -> None:
         from codsr.tagging import DEFAULT_RAM, RAMTagger, TagCache

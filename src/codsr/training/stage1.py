@@ -1,11 +1,11 @@
-"""CODSR stage-1 training: RGPA + LQFM with LoRA on SD 2.1-base (paper §3.4, SPEC §8).
+"""CODSR stage-1 training: RGPA + LQFM with LoRA on SD 2.1-base (paper §3.4, docs/method.md#stage-1).
 
 Per optimizer step (global batch = ``train.batch_size`` × accumulation × processes):
 
 1. HQ crops and their Real-ESRGAN LQ (resized back to the crop size), prompts (RAM tags of the HQ
    crop, a prompt file, or empty) with optional null-text dropout;
 2. ``t ~ U{timestep_min..timestep_max}`` per sample (50..250) from a seeded generator; the
-   generator forward of SPEC §2 with posterior and RGPA noise from another seeded generator;
+   generator forward (docs/method.md#generator-forward) with posterior and RGPA noise from another seeded generator;
    ``x̂ = VAE_dec(ẑ_H)``;
 3. generator loss ``1·MSE(x̂, x_HQ) + 2·LPIPS(x̂, x_HQ)``, plus ``0.2·GAN_G(x̂)`` from
    ``gan.start_step`` (3000) on; AdamW (lr 5e-5, wd 1e-2), grad-clip 1.0;
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from codsr.model.generator import CODSRGenerator
+from codsr.model.codsr import CODSRModel
 from codsr.model.lora import UNET_GROUPS, VAE_ADAPTER, unet_adapter_name
 from codsr.training.config import ConfigError, TrainConfig
 from codsr.training.prompts import FilePrompts, RAMCropPrompts, apply_null_text, read_prompt_file
@@ -49,8 +49,8 @@ log = logging.getLogger("codsr.training")
 STAGE1_ADAPTERS = (VAE_ADAPTER, *(unet_adapter_name(g) for g in UNET_GROUPS))
 
 
-def configure_stage1_trainable(gen: CODSRGenerator) -> dict[str, nn.Parameter]:
-    """Freeze everything, then train only the stage-1 LoRA tensors and the SFT (SPEC §8).
+def configure_stage1_trainable(gen: CODSRModel) -> dict[str, nn.Parameter]:
+    """Freeze everything, then train only the stage-1 LoRA tensors and the SFT (docs/method.md#stage-1).
 
     Returns the trainable parameters by name. Raises if a LoRA tensor sits anywhere but the VAE
     encoder / ``quant_conv`` and the UNet, so a change in peft's naming cannot silently train the
@@ -76,9 +76,9 @@ def configure_stage1_trainable(gen: CODSRGenerator) -> dict[str, nn.Parameter]:
 
 
 class Stage1Network(nn.Module):
-    """The module DDP wraps: generator forward (SPEC §2) + VAE decode → (x̂ in [-1, 1], ẑ_H)."""
+    """The module DDP wraps: generator forward (docs/method.md#generator-forward) + VAE decode → (x̂ in [-1, 1], ẑ_H)."""
 
-    def __init__(self, generator: CODSRGenerator) -> None:
+    def __init__(self, generator: CODSRModel) -> None:
         super().__init__()
         self.generator = generator
 
@@ -109,7 +109,7 @@ def encode_prompts(
 
 
 def psnr_y_batch(pred_m11: torch.Tensor, target_m11: torch.Tensor) -> list[float]:
-    """Y-channel PSNR (BT.601, uint8, whole image; SPEC §10) of each pair of [-1, 1] images."""
+    """Y-channel PSNR (BT.601, uint8, whole image; docs/method.md#evaluation) of each pair of [-1, 1] images."""
     from codsr.evaluation.full_reference import psnr_y
 
     def to_u8(x: torch.Tensor):
@@ -128,7 +128,7 @@ class Stage1Trainer(BaseTrainer):
 
     def __init__(self, config: TrainConfig, accelerator: Any = None) -> None:
         super().__init__(config, accelerator)
-        self.generator: CODSRGenerator | None = None
+        self.generator: CODSRModel | None = None
         self.text_encoder: nn.Module | None = None
         self.tokenizer: Any = None
         self.loss_fn: nn.Module | None = None
@@ -148,9 +148,9 @@ class Stage1Trainer(BaseTrainer):
 
         cfg = self.config
         comps = load_base_components(cfg.model.base_model, revision=cfg.model.revision)
-        gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+        gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
         with warnings.catch_warnings():
-            # peft warns on every adapter after the first; several adapters are the design (SPEC §5).
+            # peft warns on every adapter after the first; several adapters are the design (docs/method.md#lora-layout).
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             if cfg.model.init_checkpoint:
                 ckpt = load_checkpoint(cfg.model.init_checkpoint)
@@ -415,7 +415,7 @@ class Stage1Trainer(BaseTrainer):
             "training_step": step,
         }
 
-    def _attach_generator(self, gen: CODSRGenerator, comps) -> None:
+    def _attach_generator(self, gen: CODSRModel, comps) -> None:
         """Shared by both stages: the generator, its DDP-wrapped network, the frozen text
         encoder and the reconstruction loss (1·MSE + 2·LPIPS)."""
         from codsr.training.losses import ReconstructionLoss
@@ -490,7 +490,7 @@ class Stage1Trainer(BaseTrainer):
     def restore(self, lq_m11: torch.Tensor, timestep: int, seed: int) -> torch.Tensor:
         """One-step restoration with the current weights (empty prompt), in [-1, 1].
 
-        Noise comes from a CPU generator seeded ``seed`` (posterior first, RGPA second, SPEC §2),
+        Noise comes from a CPU generator seeded ``seed`` (posterior first, RGPA second, docs/method.md#generator-forward),
         so the result equals ``CODSRPipeline.restore`` on an exported checkpoint.
         """
         was_training = self.model.training

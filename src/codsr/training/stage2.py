@@ -1,5 +1,5 @@
 """CODSR stage-2 training: text-matching guidance (TMG) + VSD on the frozen stage-1 model
-(paper §3.3–3.4 and Eq. 5, SPEC §9).
+(paper §3.3–3.4 and Eq. 5, docs/method.md#stage-2).
 
 Set-up (docs/stage2.md §6): the stage-1 checkpoint is loaded unmerged, the ``*_alignment``
 adapters are added (same rank and modules as stage 1) and only their ``attn2`` tensors train
@@ -13,7 +13,7 @@ Per micro-batch (global batch = ``train.batch_size`` × accumulation × processe
    ``codsr masks`` (``masks.mode: offline``) or computed here with Grounded-SAM2 (``online``);
    null-text dropout (``prompts.null_text_prob``, release 0.2) empties the caption and drops the
    masks with it;
-2. ``t ~ U{50..250}`` per sample and the generator forward (SPEC §2) from seeded generators;
+2. ``t ~ U{50..250}`` per sample and the generator forward (docs/method.md#generator-forward) from seeded generators;
 3. ``loss = 1·MSE + 2·LPIPS + 2·L_VSD + 0.5·L_area + 0.025·L_bce`` (release; the paper: TMG over
    all attn2 layers with ``1·L_area``), backward;
 4. the fake-score loss (ε-MSE on the detached ẑ_H) is backpropagated into the fake-score LoRA.
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from codsr.model.generator import CODSRGenerator
+from codsr.model.codsr import CODSRModel
 from codsr.training.config import ConfigError, TrainConfig
 from codsr.training.stage1 import Stage1Trainer
 from codsr.training.trainer import TrainingStateError
@@ -58,12 +58,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def alignment_attn2_parameter(name: str) -> bool:
     """Whether a parameter name is a LoRA tensor of an ``*_alignment`` adapter on a cross-attention
-    (``attn2``) layer — the only tensors stage 2 trains (SPEC §5, §9)."""
+    (``attn2``) layer — the only tensors stage 2 trains (docs/method.md#lora-layout, #stage-2)."""
     return "alignment" in name and ".attn2." in name and (".lora_A." in name or ".lora_B." in name)
 
 
-def configure_stage2_trainable(gen: CODSRGenerator) -> dict[str, nn.Parameter]:
-    """Freeze everything, then train only the attn2 tensors of the alignment LoRA (SPEC §9).
+def configure_stage2_trainable(gen: CODSRModel) -> dict[str, nn.Parameter]:
+    """Freeze everything, then train only the attn2 tensors of the alignment LoRA (docs/method.md#stage-2).
 
     Returns the trainable parameters by name; raises when there are none (the alignment
     adapters were not added) or when one lies outside the UNet.
@@ -138,14 +138,7 @@ class Stage2Trainer(Stage1Trainer):
                 f"config key 'model.init_checkpoint': {cfg.model.init_checkpoint} does not exist; train stage 1 "
                 "first (codsr train --config stage1) or download the release's checkpoint"
             )
-        if cfg.gan.enabled:
-            raise ConfigError(
-                "config key 'gan.enabled': stage 2 has no GAN term (SPEC §9); set gan.enabled=false"
-            )
-        if cfg.data.degrade_in != "worker":
-            raise ConfigError(
-                f"config key 'data.degrade_in': stage 2 degrades in the DataLoader workers; got {cfg.data.degrade_in!r}"
-            )
+        # gan.enabled=false and data.degrade_in=worker are rules of TrainConfig (checked on load).
 
     def build_models(self) -> None:
         from codsr.model.base import load_base_components
@@ -156,10 +149,10 @@ class Stage2Trainer(Stage1Trainer):
         self._check_config()
         cfg = self.config
         comps = load_base_components(cfg.model.base_model, revision=cfg.model.revision)
-        gen = CODSRGenerator(comps.vae, comps.unet, comps.scheduler)
+        gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
         ckpt = load_checkpoint(Path(cfg.model.init_checkpoint).expanduser())
         with warnings.catch_warnings():
-            # peft warns on every adapter after the first; several adapters are the design (SPEC §5).
+            # peft warns on every adapter after the first; several adapters are the design (docs/method.md#lora-layout).
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             gen.load_checkpoint(ckpt, merge_unet=False)
             if not ckpt.has_alignment:  # a stage-2 checkpoint continues with its own alignment LoRA
@@ -282,7 +275,7 @@ class Stage2Trainer(Stage1Trainer):
 
     # ================================================================== masks in the loop
     def nouns_of(self, caption: str) -> list[str]:
-        """Nouns of a caption (adjectives dropped, SPEC §9), cached per caption."""
+        """Nouns of a caption (adjectives dropped, docs/method.md#stage-2), cached per caption."""
         if caption not in self._nouns:
             from codsr.stage2.nouns import extract_nouns
 

@@ -1,6 +1,6 @@
 """Autoencoder pre-training of a *random* VAE, for the tiny CPU recipe only (``stage: vae``).
 
-CODSR's stage 1 keeps the VAE decoder frozen (SPEC §1, §8), so with a randomly initialised tiny
+CODSR's stage 1 keeps the VAE decoder frozen (docs/method.md#base-model, #stage-1), so with a randomly initialised tiny
 model every output would be decoder noise and no restoration metric could move. The tiny recipe
 therefore first trains the tiny VAE as an autoencoder on HQ crops:
 
@@ -48,7 +48,7 @@ class AutoencoderNetwork(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from codsr.model.generator import randn
+        from codsr.model.codsr import randn
 
         moments = self.vae.quant_conv(self.vae.encoder(x))
         mean, logvar = moments.float().chunk(2, dim=1)
@@ -129,7 +129,7 @@ class VAEPretrainTrainer(BaseTrainer):
     def latent_std(self, batches: int = 4) -> float:
         """Std of the unscaled posterior samples of the first training batches (fixed seed)."""
         from codsr.data.datasets import collate
-        from codsr.model.generator import randn
+        from codsr.model.codsr import randn
 
         ds = self.data.dataset
         g = torch.Generator().manual_seed(self.config.seed)

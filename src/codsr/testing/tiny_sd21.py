@@ -1,12 +1,14 @@
-"""Tiny random Stable-Diffusion-2.1-like models for tests and CPU training recipes.
+"""Tiny random Stable-Diffusion-2.1-like model: the one tiny SD 2.1 config of the project.
 
-:func:`save_tiny_model` writes a complete diffusers folder (``model_index.json``, ``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
+:func:`save_tiny_model` (``codsr make-tiny-model``) writes a complete diffusers folder
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that
 :func:`codsr.model.base.load_base_components` and :class:`codsr.CODSRPipeline` read like the real
-SD 2.1-base. The architecture keeps what CODSR depends on (SPEC §1-§5) and shrinks the rest:
+SD 2.1-base; :func:`build_tiny_components` builds the same modules in memory. The architecture keeps
+what CODSR depends on (docs/method.md#base-model) and shrinks the rest:
 
-* UNet ``conv_in`` outputs 320 channels (the SFT maps 192 → 320 channels, SPEC §4); the other
-  levels are narrow; cross-attention blocks carry the stage-2 ``attn2`` layers;
+* UNet ``conv_in`` outputs 320 channels (the SFT maps 192 → 320 channels, paper §3.3 /
+  docs/method.md#lqfm); the other levels are narrow; cross-attention blocks carry the stage-2
+  ``attn2`` layers;
 * VAE downsamples ×8 (PixelUnshuffle(8) of the SFT must match the latent grid), 4 latent
   channels, 32 GroupNorm groups, ``scaling_factor`` 0.18215;
 * CLIP text model with a small hidden size; a byte-level CLIP tokenizer built offline (the 256
@@ -15,10 +17,6 @@ SD 2.1-base. The architecture keeps what CODSR depends on (SPEC §1-§5) and shr
 * ``DDPMScheduler`` with SD's configuration (scaled-linear betas 0.00085 → 0.012, 1000 steps).
 
 Weights are random (seeded). Everything is built offline; nothing is downloaded.
-
-:func:`save_tiny_grounding_models` writes tiny random Grounding DINO and SAM 2 folders in
-``transformers`` format, so that ``codsr masks`` (and stage-2 training with online masks) runs
-offline in tests and CPU recipes (``codsr make-tiny-model --grounding``).
 """
 
 from __future__ import annotations
@@ -42,12 +40,10 @@ __all__ = [
     "build_tokenizer",
     "byte_level_vocab",
     "bytes_to_unicode",
-    "save_tiny_grounding_models",
     "save_tiny_model",
-    "TINY_GROUNDING_VOCAB",
 ]
 
-# SD 2.1-base's scheduler (SPEC §1).
+# SD 2.1-base's scheduler (docs/method.md#base-model).
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -63,7 +59,7 @@ _DEFAULT_UNET: dict[str, Any] = {
     "sample_size": 32,
     "in_channels": 4,
     "out_channels": 4,
-    # conv_in must output 320 channels: the SFT modulates it (SPEC §4).
+    # conv_in must output 320 channels: the SFT modulates it (paper Eq. 4).
     "block_out_channels": [320, 64],
     "layers_per_block": 1,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -105,7 +101,7 @@ _DEFAULT_TEXT: dict[str, Any] = {
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "!"  # SD 2.1 pads with "!" (id 0), SPEC §1
+PAD_TOKEN = "!"  # SD 2.1 pads with "!" (id 0), docs/method.md#base-model
 
 
 @dataclass
@@ -135,7 +131,7 @@ class TinyModelConfig:
         kw = {**copy.deepcopy(_DEFAULT_UNET), **self.unet}
         if kw["block_out_channels"][0] != 320:
             raise ValueError(
-                f"tiny unet.block_out_channels[0] must be 320 (the SFT's output channels, SPEC §4), "
+                f"tiny unet.block_out_channels[0] must be 320 (the SFT's output channels, paper Eq. 4), "
                 f"got {kw['block_out_channels'][0]}"
             )
         return kw
@@ -203,8 +199,8 @@ def build_tokenizer():
 def build_tiny_components(config: TinyModelConfig | None = None, seed: int = 0) -> dict[str, Any]:
     """Random tiny ``vae``, ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` (fp32, CPU).
 
-    Weight initialisation is seeded with ``seed`` (same seed → bit-identical weights). diffusers
-    zero-initialises ``conv_out`` of the UNet; it is left that way (a fresh UNet predicts ε = 0).
+    Weight initialisation (the libraries' own initialisers) is seeded with ``seed``: the same seed
+    gives bit-identical weights.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -238,18 +234,24 @@ def build_tiny_components(config: TinyModelConfig | None = None, seed: int = 0) 
 
 
 def save_tiny_model(
-    out_dir: str | os.PathLike, config: TinyModelConfig | None = None, seed: int = 0, overwrite: bool = False
+    out_dir: str | os.PathLike,
+    config: TinyModelConfig | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    *,
+    components: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random SD-2.1-like model in diffusers layout to ``out_dir`` and return the path.
 
-    Refuses to write into a non-empty folder unless ``overwrite`` is set.
+    ``components`` (from :func:`build_tiny_components`, possibly modified) are written instead of
+    a fresh build. Refuses to write into a non-empty folder unless ``overwrite`` is set.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another --out"
         )
-    comps = build_tiny_components(config, seed)
+    comps = components if components is not None else build_tiny_components(config, seed)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         comps[name].save_pretrained(out / name)
@@ -267,103 +269,3 @@ def save_tiny_model(
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-# Word-piece vocabulary of the tiny Grounding DINO's BERT tokenizer: BERT's special tokens, the
-# period that ends every detector prompt, and common RAM tags (other words become [UNK]).
-TINY_GROUNDING_VOCAB = (
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".",
-    "cat", "dog", "bird", "tree", "sky", "grass", "car", "building", "road", "water", "flower",
-    "person", "man", "woman", "house", "cloud", "mountain", "field", "wall", "window", "street",
-)  # fmt: skip
-
-
-def _save_tiny_grounding_dino(folder: Path, image_size: int) -> None:
-    from transformers import (
-        BertConfig,
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
-
-    # Grounding DINO needs >= 2 decoder layers (tied weights) and an input above 64² (shared/ENVIRONMENT.md).
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                                   image_size=image_size, out_features=["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(vocab_size=len(TINY_GROUNDING_VOCAB), hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=37, max_position_embeddings=64),
-        num_queries=10, encoder_layers=1, decoder_layers=2, d_model=32, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2,
-        max_text_len=32,
-    )  # fmt: skip
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(TINY_GROUNDING_VOCAB)})
-    image_processor = GroundingDinoImageProcessor(
-        size={"shortest_edge": image_size, "longest_edge": image_size}
-    )
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-
-
-def _save_tiny_sam2(folder: Path, size: int) -> None:
-    from transformers import (
-        Sam2Config,
-        Sam2HieraDetConfig,
-        Sam2ImageProcessor,
-        Sam2MaskDecoderConfig,
-        Sam2Model,
-        Sam2Processor,
-        Sam2PromptEncoderConfig,
-        Sam2VisionConfig,
-    )
-
-    # A global-attention block must not open a Hiera stage (ZeroDivisionError): stage 3 = blocks 2, 3.
-    backbone = Sam2HieraDetConfig(
-        hidden_size=8, image_size=[size, size], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-        num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[2, 2, 2, 2], global_attention_blocks=[3],
-        window_positional_embedding_background_size=[2, 2],
-    )  # fmt: skip
-    vision = Sam2VisionConfig(
-        backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8], fpn_hidden_size=32,
-        backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
-    )  # fmt: skip
-    config = Sam2Config(
-        vision_config=vision,
-        prompt_encoder_config=Sam2PromptEncoderConfig(hidden_size=32, image_size=size, patch_size=16,
-                                                      mask_input_channels=4),
-        mask_decoder_config=Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=32, num_hidden_layers=1,
-                                                  num_attention_heads=2, iou_head_hidden_dim=16),
-    )  # fmt: skip
-    Sam2Model(config).save_pretrained(folder)
-    image_processor = Sam2ImageProcessor(
-        size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
-    )
-    Sam2Processor(image_processor=image_processor, target_size=size).save_pretrained(folder)
-
-
-def save_tiny_grounding_models(
-    out_dir: str | os.PathLike, seed: int = 0, detector_size: int = 96, sam_size: int = 128
-) -> tuple[Path, Path]:
-    """Write tiny random Grounding DINO and SAM 2.1 models (transformers format) for offline runs.
-
-    Returns ``(out_dir/grounding_dino, out_dir/sam2)``, the folders to pass to ``codsr masks
-    --grounding-dino/--sam2`` or ``masks.grounding_dino/sam2``. Both are seeded with ``seed``;
-    their masks are meaningless but deterministic. The detector works at ``detector_size`` px
-    (> 64, see shared/ENVIRONMENT.md), SAM at ``sam_size`` px (a multiple of 16).
-    """
-    if detector_size <= 64:
-        raise ValueError(
-            f"detector_size must exceed 64 px (Grounding DINO's extra level), got {detector_size}"
-        )
-    if sam_size % 16:
-        raise ValueError(f"sam_size must be a multiple of 16 (SAM's patch size), got {sam_size}")
-    out = Path(out_dir)
-    gd, sam = out / "grounding_dino", out / "sam2"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _save_tiny_grounding_dino(gd, detector_size)
-        torch.manual_seed(seed)
-        _save_tiny_sam2(sam, sam_size)
-    return gd, sam

