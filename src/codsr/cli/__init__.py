@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "codsr.training.cli",
     "codsr.testing.cli",
     "codsr.stage2.cli",
+    "codsr.cli.hub",
 )
 
 

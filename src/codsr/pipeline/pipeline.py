@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from codsr.model.base import BASE_MODEL_MIRROR, load_base_components
-from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint, load_checkpoint
+from codsr.model.base import load_base_components
+from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint
 from codsr.model.codsr import CODSRModel
+from codsr.model.pretrained import plan_load, push_pipeline_folder, save_pipeline_folder
 from codsr.pipeline.color_fix import color_fix as apply_color_fix
 from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
 from codsr.pipeline.tiled_stages import tiled_stages
@@ -60,15 +61,18 @@ class CODSRPipeline:
         self.tokenizer = tokenizer
         self.tagger = tagger
         self.default_timestep = int(default_timestep)
+        self.pretrained = None  # the LoadPlan from from_pretrained: what save_pretrained writes
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
         cls,
-        base_model: str | os.PathLike = BASE_MODEL_MIRROR,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
         checkpoint: str | os.PathLike | CODSRCheckpoint | None = None,
         *,
+        base_model: str | os.PathLike | None = None,
         revision: str | None = None,
+        base_model_revision: str | None = None,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype = torch.float32,
         tagger: str | Tagger | None = None,
@@ -79,38 +83,69 @@ class CODSRPipeline:
         merge_vae_lora: bool = False,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
+        token: str | bool | None = None,
     ) -> CODSRPipeline:
-        """Build the pipeline from an SD 2.1-base model (Hub id or local diffusers folder) and a
-        CODSR checkpoint (the release's ``codsr.pkl``, a stage-1 ``.pkl`` or a codsr ``.safetensors``).
+        """Build the pipeline from a CODSR model folder or Hub repo id (``codsr_config.json`` +
+        ``codsr.safetensors``; ``revision`` pins the repo, the base model comes from the config unless
+        ``base_model=`` is given), or, as before, from an SD 2.1-base model (Hub id or diffusers
+        folder) plus ``checkpoint=`` (the release's ``codsr.pkl``, a stage-1 ``.pkl`` or a codsr
+        ``.safetensors``). A ``.pkl``/``.safetensors`` path as first argument is a checkpoint.
+        See docs/hub.md; the dispatch rules are :func:`codsr.model.pretrained.plan_load`.
 
         Args:
             alignment_scale: λ_sem, the weight of the stage-2 (semantic) alignment LoRA; 1.0 is the method.
             merge_lora: merge the UNet LoRA into the weights (faster; unmerged keeps peft adapters).
             merge_vae_lora: also merge the VAE-encoder LoRA (same maths; moves z_L by ~1e-4 vs the release).
-            tagger: ``"dape"``, ``"ram"``, ``None`` (tags come from the caller) or a callable
-                mapping a B×3×H×W [0,1] tensor to tag strings.
+            tagger: ``"dape"``, ``"ram"``, ``"config"`` (the folder's tagger), ``None`` (tags come
+                from the caller) or a callable mapping a B×3×H×W [0,1] tensor to tag strings.
         """
+        plan = plan_load(
+            pretrained_model_name_or_path, checkpoint, base_model=base_model, revision=revision,
+            base_model_revision=base_model_revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            token=token,
+        )  # fmt: skip
         comps = load_base_components(
-            base_model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            plan.base_model, revision=plan.base_model_revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
-        default_t = DEFAULT_TIMESTEP
-        if checkpoint is None:
+        gen = CODSRModel(comps.vae, comps.unet, comps.scheduler, rgpa=plan.rgpa)
+        if plan.checkpoint is None:
             warnings.warn(
                 "CODSRPipeline built without a checkpoint: the SFT is the identity and there is no LoRA, so "
                 "results are those of the bare SD 2.1 model. Pass checkpoint='codsr.pkl'.",
                 stacklevel=2,
             )
         else:
-            ckpt = checkpoint if isinstance(checkpoint, CODSRCheckpoint) else load_checkpoint(checkpoint)
-            gen.load_checkpoint(ckpt, merge_unet=merge_lora, merge_vae=merge_vae_lora, alignment_scale=alignment_scale)
-            default_t = int(ckpt.metadata.get("default_timestep", DEFAULT_TIMESTEP))
+            gen.load_checkpoint(
+                plan.checkpoint, merge_unet=merge_lora, merge_vae=merge_vae_lora, alignment_scale=alignment_scale
+            )
         device = torch.device(device) if device is not None else default_device()
-        pipe = cls(gen, comps.text_encoder, comps.tokenizer, default_timestep=default_t)
+        pipe = cls(gen, comps.text_encoder, comps.tokenizer, default_timestep=plan.default_timestep)
+        pipe.pretrained = plan  # what save_pretrained / push_to_hub write
         pipe.to(device, torch_dtype)
+        tagger = plan.tagger_name(tagger)
         if tagger is not None:
-            pipe.tagger = _build_tagger(tagger, ram_path, dape_path, device, torch_dtype)
+            pipe.tagger = _build_tagger(tagger, *plan.tagger_paths(ram_path, dape_path), device, torch_dtype)
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the CODSR folder (``codsr_config.json`` + ``codsr.safetensors``) this pipeline was loaded from."""
+        save_pipeline_folder(self.pretrained, save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the CODSR folder with a generated model card to the Hub (docs/hub.md)."""
+        return push_pipeline_folder(
+            self.pretrained, repo_id, private=private, revision=revision, token=token,
+            commit_message=commit_message, create_pr=create_pr,
+        )  # fmt: skip
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CODSRPipeline:
         for m in (self.generator, self.text_encoder):
