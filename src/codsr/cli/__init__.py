@@ -17,6 +17,7 @@ from collections.abc import Sequence
 # Order is the order shown in ``codsr --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "codsr.cli.upscale",
+    "codsr.cli.app",
     "codsr.evaluation.cli",
     "codsr.tagging.cli",
     "codsr.data.make_lq",
