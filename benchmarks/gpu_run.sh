@@ -11,13 +11,13 @@
 # Steps, in priority order (a step starts only while BUDGET_S seconds have not passed; each is
 # cut at the remaining time; a failed step is recorded and the next one runs):
 #   1. facts (GPU, driver, torch, Python) and the carried wheels installed into a --target folder
-#   2. benchmarks/latency.py eager, fp16 and bf16, sizes 512 1024 2048
-#   3. benchmarks/latency.py --compile at 512 (fp16, bf16), then at 1024 2048
+#   2. benchmarks/latency.py eager fp16 at 512 1024 2048, then compiled fp16 at 512 (the goals:
+#      2048² within 8 GiB, 512² ≤ 12 ms compiled fp16)
+#   3. eager bf16 at 512 1024 2048, compiled bf16 at 512
 #   4. the release's forward (its fp16 mode) beside codsr's pipe() (fp16, bf16) on the same random
 #      weights: benchmarks/release_compare.py --device cuda --size 512
-# Flags expected of latency.py: --device cuda --dtypes fp16|bf16 --sizes ... --repeats N
-#   --warmup N --out FILE [--compile] [--no-flops] [--tiny]; the compiled steps are skipped (and
-#   say so) while latency.py has no --compile.
+#   5. compiled fp16 / bf16 at 1024 2048; the tiny preview decoder (fp16, eager) at 512 2048
+# All latency runs: --channels-last (weights), SDPA attention (diffusers' default), CUDA events.
 #
 # Output under $OUT (at most 8 files come back from the device): gpu_run.log, steps.tsv
 # (step, rc, seconds), latency_cuda.json (every latency run merged), release_compare.json.
@@ -39,6 +39,8 @@ SITE="${SITE:-/tmp/codsr_gpu_site}"
 RELEASE_SITE="${RELEASE_SITE:-/tmp/codsr_gpu_release_site}"
 PARTS="$(mktemp -d /tmp/codsr_gpu_parts.XXXX)"
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The release's transformers 4.36 imports jax when it finds it; the device's jax fails to initialise.
+export USE_FLAX=0 USE_TF=0
 t_start=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
@@ -105,28 +107,14 @@ export PYTHONPATH="$root/src:$SITE"
 "$PY" -c "import diffusers, transformers, peft, codsr; from codsr import CODSRPipeline; \
 print('codsr side: diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" || exit 3
 
-# ------------------------------------------------------------------ 2. latency.py, eager
-lat=("$PY" "$root/benchmarks/latency.py" --device "$DEVICE" --repeats "$REPEATS" --warmup "$WARMUP" "${TINY[@]}")
+# ------------------------------------------------------------------ 2./3. latency.py, eager + compiled
+lat=("$PY" "$root/benchmarks/latency.py" --device "$DEVICE" --repeats "$REPEATS" --warmup "$WARMUP"
+     --channels-last "${TINY[@]}")
 for dt in $DTYPES; do
     step "eager_$dt" "${lat[@]}" --dtypes "$dt" --sizes "${size_list[@]}" --out "$PARTS/eager_$dt.json"
+    step "compiled_${dt}_$first_size" "${lat[@]}" --compile --no-flops --dtypes "$dt" --sizes "$first_size" \
+        --out "$PARTS/compiled_${dt}_$first_size.json"
 done
-
-# ------------------------------------------------------------------ 3. latency.py --compile
-if "$PY" "$root/benchmarks/latency.py" --help 2>/dev/null | grep -q -- "--compile"; then
-    for dt in $DTYPES; do
-        step "compiled_${dt}_$first_size" "${lat[@]}" --compile --no-flops --dtypes "$dt" --sizes "$first_size" \
-            --out "$PARTS/compiled_${dt}_$first_size.json"
-    done
-    if [ "${#rest_sizes[@]}" -gt 0 ]; then
-        for dt in $DTYPES; do
-            step "compiled_${dt}_rest" "${lat[@]}" --compile --no-flops --dtypes "$dt" --sizes "${rest_sizes[@]}" \
-                --out "$PARTS/compiled_${dt}_rest.json"
-        done
-    fi
-else
-    echo "== compiled steps: SKIPPED (benchmarks/latency.py has no --compile yet)"
-    printf 'compiled\tno-flag\t0\n' >> "$OUT/steps.tsv"
-fi
 
 # ------------------------------------------------------------------ 4. the release beside pipe()
 if [ "${RELEASE:-1}" = 1 ]; then
@@ -157,6 +145,18 @@ print('release side: diffusers', diffusers.__version__, 'transformers', transfor
         printf 'release_compare\tunavailable\t0\n' >> "$OUT/steps.tsv"
     fi
 fi
+
+# ------------------------------------------------------------------ 5. the rest
+if [ "${#rest_sizes[@]}" -gt 0 ]; then
+    for dt in $DTYPES; do
+        step "compiled_${dt}_rest" "${lat[@]}" --compile --no-flops --dtypes "$dt" --sizes "${rest_sizes[@]}" \
+            --out "$PARTS/compiled_${dt}_rest.json"
+    done
+fi
+first_dt="${DTYPES%% *}"
+tiny_sizes=("$first_size"); [ "${#rest_sizes[@]}" -gt 0 ] && tiny_sizes+=("${size_list[-1]}")
+step "tiny_decoder_$first_dt" "${lat[@]}" --decoder tiny --no-flops --dtypes "$first_dt" --sizes "${tiny_sizes[@]}" \
+    --out "$PARTS/tiny_decoder_$first_dt.json"
 
 merge
 echo "== done in $(elapsed) s"

@@ -21,10 +21,28 @@ extra untimed call when ``--warmup 0``), per stage, and give achieved GFLOP/s. P
 stage: CPU peak RSS (VmHWM, reset through /proc/self/clear_refs before each stage), CUDA
 ``max_memory_allocated`` (reset before each stage).
 
+CUDA (``--device cuda``): stage times as above (synchronised), plus the end-to-end latency of
+uninstrumented calls measured with CUDA events after the warm-up (``cuda_events``: the whole
+``restore`` and the model forward with the prompt already encoded), ``max_memory_allocated`` as
+the peak. ``--channels-last`` puts the UNet and VAE weights in channels-last layout; attention is
+diffusers' default processor, ``F.scaled_dot_product_attention`` (recorded in the JSON).
+``--compile`` compiles the UNet's down/mid/up blocks and the VAE encoder/decoder with
+``torch.compile`` (hook-free modules; the LQFM hook on ``conv_in`` and the tiled stages' GroupNorm
+pooling stay eager); the first calls that trigger compilation are timed apart as
+``compile_s`` and never enter the medians. fp16 runs decode with the pipeline's overflow guard
+(the VAE decoder is re-run in float32 when the fp16 decode is not finite; ``fp16_decode_upcasts``
+counts it).
+
+``--sizes 512,1024,2048`` (commas or spaces) is a sweep; ``--plot sweep.png`` draws time and peak
+memory against output pixels (matplotlib, a benchmark-only dependency), also from saved JSON with
+``--plot-only results.json``.
+
 Usage::
 
     python benchmarks/latency.py --sizes 512 1024 --dtypes fp32 bf16 --device cpu \\
         --repeats 3 --warmup 1 --threads 2 --out results.json
+    python benchmarks/latency.py --device cuda --dtypes fp16 bf16 --sizes 512,1024,2048 \\
+        --channels-last --compile --no-flops --out cuda.json --plot cuda.png
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,6 +67,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from codsr.hostmem import PeakMemoryMeter  # noqa: E402
+from codsr.pipeline.tiled_stages import DecodeUpcastWarning  # noqa: E402
 
 SCHEMA_VERSION = 1
 STAGES: tuple[str, ...] = ("text_encoding", "vae_encode", "rgpa_sft", "unet", "vae_decode")
@@ -170,11 +190,15 @@ def instrument(pipe: Any, timer: StageTimer) -> Iterator[StageTimer]:
         (model, "noisy_latent", "rgpa_sft"),
         (model, "modulation", "rgpa_sft"),
         (model, "predict_noise", "unet"),
+        # plan.sequential_unet: the UNet tiles one by one, driven unit by unit (not via predict_noise)
+        (stages_module, "sequential_pooled_noise_prediction", "unet"),
         (model, "decode", "vae_decode"),
         (stages_module, "tiled_decode", "vae_decode"),
         # release_compat=True runs the release's approximate tiled VAE instead
         (stages_module, "release_tiled_encoder_forward", "vae_encode"),
         (stages_module, "release_tiled_decoder_forward", "vae_decode"),
+        # decoder="tiny": the preview decoder (AutoencoderTiny)
+        (stages_module, "tiny_decode", "vae_decode"),
     ]
     missing = [f"{getattr(obj, '__name__', type(obj).__name__)}.{name}" for obj, name, _ in targets
                if not hasattr(obj, name)]  # fmt: skip
@@ -297,6 +321,59 @@ def summarize(calls: Sequence[CallRecord], flops: dict[str, int] | None) -> dict
     }
 
 
+def prepare_pipeline(pipe: Any, *, channels_last: bool = False, compile: bool = False) -> dict[str, Any]:
+    """Layout and compilation of the benchmarked pipeline; returns what was done (for the JSON).
+
+    ``compile``: ``torch.compile`` (inductor, default mode) of the hook-free modules: the UNet's
+    down, mid and up blocks and the VAE encoder and decoder (``nn.Module.compile``, in place). The
+    LQFM hook on ``unet.conv_in`` and the GroupNorm pooling of the tiled stages stay outside.
+    """
+    model = pipe.generator
+    unet, vae = model.unet, model.vae
+    if channels_last:
+        for m in (unet, vae, model.sft):
+            m.to(memory_format=torch.channels_last)
+    compiled = []
+    if compile:
+        for name, m in [*((f"unet.down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)),
+                        ("unet.mid_block", unet.mid_block),
+                        *((f"unet.up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)),
+                        ("vae.encoder", vae.encoder), ("vae.decoder", vae.decoder)]:  # fmt: skip
+            m.compile(dynamic=False)  # one static graph per size: no slower dynamic-shape kernels
+            compiled.append(name)
+    processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return {"channels_last": channels_last, "compiled_modules": compiled, "unet_attention_processors": processors,
+            "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention")}  # fmt: skip
+
+
+def cuda_event_latency(
+    pipe: Any, lq: torch.Tensor, prompt: str, repeats: int, **restore_kwargs: Any
+) -> dict[str, Any]:
+    """Milliseconds of uninstrumented calls, CUDA events around each (after the warm-up):
+    ``restore_ms`` the whole ``restore`` (prompt encoding included, input on the host), and
+    ``forward_ms`` with the prompt already encoded and the input already on the device."""
+    device = torch.device(pipe.device)
+    embeds = pipe.encode_prompt([prompt] * lq.shape[0])
+    lq_dev = lq.to(device)
+    out: dict[str, Any] = {}
+    for name, x, extra in (
+        ("restore_ms", lq, {"prompt": prompt}),
+        ("forward_ms", lq_dev, {"prompt_embeds": embeds}),
+    ):
+        times = []
+        for i in range(repeats):
+            g = torch.Generator().manual_seed(200 + i)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            pipe.restore(x, generator=g, **extra, **restore_kwargs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        out[name] = {"median": _median(times), "times": times}
+    return out
+
+
 def benchmark_pipeline(
     pipe: Any,
     size: int,
@@ -309,24 +386,45 @@ def benchmark_pipeline(
     progress: bool = False,
     **restore_kwargs: Any,
 ) -> dict[str, Any]:
-    """Benchmark ``pipe.restore`` on a ``size``² output; returns the JSON-ready summary."""
+    """Benchmark ``pipe.restore`` on a ``size``² output; returns the JSON-ready summary.
+
+    The warm-up calls' end-to-end seconds are kept apart (``warmup_s``; with ``--compile`` the
+    first includes compilation). On CUDA, :func:`cuda_event_latency` adds ``cuda_events``.
+    """
     if repeats < 1:
         raise ValueError(f"--repeats must be ≥ 1, got {repeats}")
     lq = synthetic_lq(size, batch)
     flops: dict[str, int] | None = None
+    warmup_s: list[float] = []
+    upcasts = 0
     for i in range(warmup):
-        rec = timed_restore(pipe, lq, prompt, seed=i, count_flops=count_flops and i == 0, **restore_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = timed_restore(
+                pipe, lq, prompt, seed=i, count_flops=count_flops and i == 0, **restore_kwargs
+            )
+        upcasts += sum(issubclass(w.category, DecodeUpcastWarning) for w in caught)
+        warmup_s.append(rec.total_seconds)
         if count_flops and i == 0:
             flops = {s: r.flops for s, r in rec.stages.items()}
     if count_flops and flops is None:  # no warm-up: count on an extra, untimed call
         rec = timed_restore(pipe, lq, prompt, seed=0, count_flops=True, **restore_kwargs)
         flops = {s: r.flops for s, r in rec.stages.items()}
-    calls = [
-        timed_restore(pipe, lq, prompt, seed=100 + i, progress=progress, **restore_kwargs)
-        for i in range(repeats)
-    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calls = [
+            timed_restore(pipe, lq, prompt, seed=100 + i, progress=progress, **restore_kwargs)
+            for i in range(repeats)
+        ]
+    upcasts += sum(issubclass(w.category, DecodeUpcastWarning) for w in caught)
     summary = summarize(calls, flops)
-    summary.update({"size": size, "batch": batch, "repeats": repeats, "warmup": warmup})
+    summary.update({"size": size, "batch": batch, "repeats": repeats, "warmup": warmup, "warmup_s": warmup_s,
+                    "fp16_decode_upcasts": upcasts})  # fmt: skip
+    if warmup_s:
+        # what the first call cost beyond a steady one: compilation (and first-call work spaces)
+        summary["compile_s"] = max(0.0, warmup_s[0] - summary["total"]["median_s"])
+    if torch.device(pipe.device).type == "cuda":
+        summary["cuda_events"] = cuda_event_latency(pipe, lq, prompt, repeats, **restore_kwargs)
     return summary
 
 
@@ -385,7 +483,56 @@ def format_table(result: dict[str, Any]) -> str:
     )
     ok = "ok" if result["stages_sum_within_tolerance"] else "EXCEEDS 10%"
     rows.append(f"largest |other|/total over the timed calls: {result['max_residual_fraction']:.1%} ({ok})")
+    if result.get("warmup_s"):
+        rows.append(f"warm-up calls (s): {', '.join(f'{t:.3f}' for t in result['warmup_s'])}; "
+                    f"first-call excess (compilation) {result.get('compile_s', 0):.1f} s")  # fmt: skip
+    ev = result.get("cuda_events")
+    if ev:
+        rows.append(f"CUDA events, uninstrumented: restore {ev['restore_ms']['median']:.2f} ms, "
+                    f"forward (prompt encoded, input on device) {ev['forward_ms']['median']:.2f} ms")  # fmt: skip
     return "\n".join([head, *rows])
+
+
+def plot_sweep(results: dict[str, Any], path: str) -> None:
+    """PNG of median time and peak memory against output pixels, one line per dtype/variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    runs = results["runs"].values() if "runs" in results else [results]
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for run_ in runs:
+        compiled = bool(run_.get("config", {}).get("compile"))
+        for r in run_["results"]:
+            ms = (
+                r["cuda_events"]["forward_ms"]["median"] / 1e3
+                if r.get("cuda_events")
+                else r["total"]["median_s"]
+            )
+            label = f"{r['dtype']} {'compiled' if compiled else 'eager'} ({r['device']})"
+            series.setdefault(label, []).append((r["size"] ** 2, ms, r["total"]["peak_bytes"] / 1024**3))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        px = [p[0] / 1e6 for p in pts]
+        ax_t.plot(px, [p[1] for p in pts], "o-", label=label)
+        ax_m.plot(px, [p[2] for p in pts], "o-", label=label)
+    ax_t.set(xlabel="output megapixels", ylabel="seconds per image (median)", xscale="log", yscale="log",
+             title="time vs pixels")  # fmt: skip
+    ax_m.set(
+        xlabel="output megapixels", ylabel="peak memory (GiB)", xscale="log", title="peak memory vs pixels"
+    )
+    sides = sorted({round((p[0]) ** 0.5) for pts in series.values() for p in pts})
+    for ax in (ax_t, ax_m):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([v * v / 1e6 for v in sides], [f"{v}²" for v in sides])
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -393,8 +540,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--sizes", type=int, nargs="+", default=[512, 1024], help="output sizes (square, multiples of 8)"
-    )
+        "--sizes", nargs="+", default=["512", "1024"],
+        help="output sizes (square, multiples of 8), e.g. 512 1024 or 512,1024,2048",
+    )  # fmt: skip
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--repeats", type=int, default=3)
@@ -408,8 +556,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="UNet tiles one by one as the release (default: one batch with pooled GroupNorm)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny widths, same structure (smoke test)")
     p.add_argument("--progress", action="store_true", help="print every stage call as it finishes (stderr)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="UNet, VAE and SFT weights in channels-last layout"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet blocks and the VAE encoder/decoder (compile time reported apart)",
+    )
+    p.add_argument(
+        "--decoder",
+        choices=("vae", "tiny"),
+        default="vae",
+        help="tiny: decode with AutoencoderTiny (random TAESD-shaped weights unless --tiny-decoder)",
+    )
+    p.add_argument(
+        "--tiny-decoder", default=None, help="folder or Hub id of an AutoencoderTiny (with --decoder tiny)"
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG of time and peak memory vs pixels here")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="only plot saved results (with --plot)")
     args = p.parse_args(argv)
+    try:
+        args.sizes = [int(v) for item in args.sizes for v in str(item).split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--sizes: expected integers separated by commas or spaces, got {args.sizes}")
+    if args.plot_only and not args.plot:
+        p.error("--plot-only needs --plot PNG")
     for s in args.sizes:
         if s <= 0 or s % 8:
             p.error(f"--sizes: {s} is not a positive multiple of 8")
@@ -440,6 +613,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("warning: fp16 on the CPU has no fast kernels here; expect it to be slow", file=sys.stderr)
         t0 = time.perf_counter()
         pipe = build_sd21_pipeline(tiny=args.tiny, dtype=DTYPES[name], device=device)
+        prepared = prepare_pipeline(pipe, channels_last=args.channels_last, compile=args.compile)
+        decoder_kw: dict[str, Any] = {}
+        if args.decoder == "tiny":
+            decoder_kw["decoder"] = "tiny"
+            if args.tiny_decoder:
+                pipe.load_tiny_decoder(args.tiny_decoder)
+            else:
+                from diffusers import AutoencoderTiny
+
+                torch.manual_seed(0)  # random TAESD-shaped weights: the cost, not the picture
+                pipe.tiny_decoder = AutoencoderTiny().to(device=device, dtype=DTYPES[name]).eval()
         build_s = time.perf_counter() - t0
         weights = sum(
             p.numel() * p.element_size() for m in (pipe.generator, pipe.text_encoder) for p in m.parameters()
@@ -452,9 +636,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res = benchmark_pipeline(
                 pipe, size, repeats=args.repeats, warmup=args.warmup, count_flops=not args.no_flops,
                 batch=args.batch, progress=args.progress, tile_plan=plan, release_compat=args.release_compat,
+                **decoder_kw,
             )  # fmt: skip
             res.update({"dtype": name, "device": str(device), "weights_bytes": weights, "build_s": build_s,
-                        "memory_plan": plan.as_dict(), "release_compat": args.release_compat})  # fmt: skip
+                        "memory_plan": plan.as_dict(), "release_compat": args.release_compat,
+                        "decoder": args.decoder, **prepared})  # fmt: skip
             results["results"].append(res)
             print(format_table(res), flush=True)
             print(flush=True)
@@ -464,6 +650,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only, encoding="utf-8") as f:
+            plot_sweep(json.load(f), args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     try:
         results = run(args)
     except StageMissingError as e:
@@ -473,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.out}")
+    if args.plot:
+        plot_sweep(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -15,6 +15,7 @@ MODEL_TYPE = "CODSR_MODEL"
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 COLOR_FIXES = ("adain", "wavelet", "none")
+MASK_MODES = ("protect masked", "control map")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -119,6 +120,28 @@ def check_image(image: Any) -> None:
         raise ValueError(f"CODSR Upscale: empty image batch {tuple(image.shape)}")
 
 
+def control_maps_from_mask(mask: Any, mode: str, batch: int) -> Any:
+    """A ComfyUI MASK (B×H×W or H×W, float in [0, 1], 1 = masked) as control maps B'×H×W (B' = 1 or
+    ``batch``), 0 = faithful, 1 = the method (docs/region-control.md); None without a mask."""
+    import torch
+
+    if mask is None:
+        return None
+    if mode not in MASK_MODES:
+        raise ValueError(f"CODSR Upscale: mask_mode must be one of {MASK_MODES}, got {mode!r}")
+    if not torch.is_tensor(mask) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"CODSR Upscale: mask must be a ComfyUI MASK (B×H×W or H×W), got {shape}")
+    m = (mask[None] if mask.ndim == 2 else mask).detach().to("cpu", torch.float32)
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"CODSR Upscale: {m.shape[0]} masks for {batch} images; give one mask or one per image")
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise ValueError("CODSR Upscale: mask values must be finite and in [0, 1]")
+    if mode == "protect masked":
+        return 1 - m
+    return m  # "control map": the mask's value is the map
+
+
 class LoadCODSRModel:
     """"Load CODSR model": a folder, a Hub repo id (owner/name) or a .pkl / .safetensors checkpoint."""
 
@@ -184,16 +207,30 @@ class CODSRUpscale:
             },
             "optional": {
                 "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "appended to the tags"}),
-                # Region control (MASK input) is added here when codsr's region-control feature lands.
+                # Region control (docs/region-control.md)
+                "mask": ("MASK", {"tooltip": "region control: a mask at the input or output size (one, or one "
+                                             "per image)"}),
+                "mask_mode": (list(MASK_MODES), {"default": MASK_MODES[0], "tooltip":
+                              "protect masked: the masked area stays faithful (no generative noise), the rest "
+                              "as usual; control map: the mask's value is the map (0 = faithful, 1 = the "
+                              "method), i.e. generated detail only where masked"}),
+                "noise_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
+                                          "tooltip": "multiplies the RGPA noise everywhere; 1 = the method"}),
+                "fidelity_timestep": ("INT", {"default": -1, "min": -1, "max": 998, "tooltip":
+                                      "with a mask: also blend toward the result at this lower timestep where "
+                                      "the map is below 1 (one more UNet pass); -1: off"}),
             },
         }  # fmt: skip
 
     def upscale(self, codsr_model: CODSRModelHandle, image: Any, scale: float = 4.0, timestep: int = -1,
                 lambda_sem: float = 1.0, seed: int = 0, color_fix: str = "adain", tile_size: int = 0,
-                max_memory_gb: float = 0.0, prompt: str = "") -> tuple[Any]:  # fmt: skip
+                max_memory_gb: float = 0.0, prompt: str = "", mask: Any = None,
+                mask_mode: str = "protect masked", noise_scale: float = 1.0,
+                fidelity_timestep: int = -1) -> tuple[Any]:  # fmt: skip
         import torch
 
         check_image(image)
+        maps = control_maps_from_mask(mask, mask_mode, image.shape[0])
         if not isinstance(codsr_model, CODSRModelHandle):
             raise TypeError(f"CODSR Upscale: codsr_model must come from 'Load CODSR model', got {type(codsr_model).__name__}")
         pipe = codsr_model.pipeline(lambda_sem)
@@ -210,6 +247,8 @@ class CODSRUpscale:
                 chw, upscale=float(scale), prompt=prompt or None, timestep=None if timestep < 0 else int(timestep),
                 color_fix=None if color_fix == "none" else color_fix, output_type="pt",
                 generator=torch.Generator().manual_seed((int(seed) + i) % (MAX_SEED + 1)), **kwargs,
+                control_map=None if maps is None else maps[min(i, maps.shape[0] - 1)], noise_scale=float(noise_scale),
+                fidelity_timestep=None if fidelity_timestep < 0 or maps is None else int(fidelity_timestep),
             )  # fmt: skip
             outs.append(out[0].permute(1, 2, 0))
             if bar is not None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Tiny CPU demonstration that CODSR stage-1 training learns (docs/training.md, "Evidence").
 
-    python scripts/tiny_stage1_demo.py --hr /path/to/hr_images --benchmark /path/to/benchmark_drealsr \
-        --out runs/tiny_demo
+    python scripts/tiny_stage1_demo.py --hr tests/fixtures/drealsr/test_HR tests/fixtures/real_lq \
+        --benchmark tests/fixtures/drealsr --out runs/tiny_demo
 
 1. builds a tiny random SD-2.1-like model (``codsr make-tiny-model``);
 2. pre-trains its VAE as an autoencoder on the HR images (``configs/tiny/vae.yaml``): stage 1
@@ -38,16 +38,23 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from codsr.imageio import IMAGE_EXTENSIONS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--hr", required=True, help="folder of HR training images (files with '_LR' in the name are skipped)"
+        "--hr",
+        required=True,
+        nargs="+",
+        help="folder(s) of HR training images (files with '_LR' in the name are skipped)",
     )
     p.add_argument("--benchmark", required=True, help="folder with test_LR/ and test_HR/ (DRealSR ×4 layout)")
     p.add_argument("--out", default="runs/tiny_demo", help="output folder")
-    p.add_argument("--vae-steps", type=int, default=300)
-    p.add_argument("--stage1-steps", type=int, default=300)
+    p.add_argument("--vae-steps", type=int, default=None, help="default: max_steps of configs/tiny/vae.yaml (600)")
+    p.add_argument(
+        "--stage1-steps", type=int, default=None, help="default: max_steps of configs/tiny/stage1.yaml (400)"
+    )
     p.add_argument("--eval-every", type=int, default=100, help="evaluate during stage 1 every N steps")
     p.add_argument("--crop", type=int, default=128, help="HQ crop side for training and evaluation")
     p.add_argument("--max-eval", type=int, default=0, help="use only the first N benchmark pairs (0 = all)")
@@ -56,11 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------- data
-def training_list(hr_root: Path, out: Path) -> Path:
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-    files = sorted(p for p in hr_root.rglob("*") if p.suffix.lower() in exts and "_LR" not in p.stem)
+def training_list(hr_roots: list[Path], out: Path) -> Path:
+    files = sorted(
+        p
+        for root in hr_roots
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and "_LR" not in p.stem
+    )
     if not files:
-        raise SystemExit(f"no HR images under {hr_root}")
+        raise SystemExit(f"no HR images under {', '.join(map(str, hr_roots))}")
     path = out / "train_hq.txt"
     path.write_text("".join(f"{p.resolve()}\n" for p in files), encoding="utf-8")
     return path
@@ -173,11 +184,17 @@ def main(argv=None) -> int:
     from codsr.training.trainer_utils import read_metrics
     from codsr.training.vae_pretrain import VAEPretrainTrainer
 
+    # the step counts of the shipped tiny configs unless asked otherwise (docs/training.md)
+    if args.vae_steps is None:
+        args.vae_steps = load_config("tiny/vae").max_steps
+    if args.stage1_steps is None:
+        args.stage1_steps = load_config("tiny/stage1").max_steps
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.time()
-    train_list = training_list(Path(args.hr), out)
+    train_list = training_list([Path(h) for h in args.hr], out)
     n_train = len(train_list.read_text().splitlines())
     base = out / "base"
     if not (base / "model_index.json").is_file():
@@ -241,7 +258,7 @@ def main(argv=None) -> int:
 
     # --- final: the release-format checkpoint through the inference pipeline -----------------
     pkl = out / "stage1" / "codsr_stage1.pkl"
-    pipe = CODSRPipeline.from_pretrained(model_dir, pkl, device="cpu")
+    pipe = CODSRPipeline.from_pretrained(model_dir, pkl, device="cpu", tagger=None)  # trained prompt-free
 
     def pipe_restore(lq, i):
         return pipe.restore(lq, prompt="", timestep=100, generator=torch.Generator().manual_seed(10_000 + i))

@@ -22,6 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile  # noqa: E402
+
+# Weights are looked up by flag → CODSR_* variable → CODSR_HOME (codsr.weights): tests must not pick
+# up a developer's real DAPE/RAM/checkpoint (a 5.6 GB tagger would load into every pipeline test).
+for _var in ("CODSR_DAPE", "CODSR_RAM", "CODSR_CHECKPOINT", "CODSR_BASE_MODEL", "CODSR_DINO", "CODSR_LPIPS_VGG",
+             "CODSR_GROUNDING_DINO", "CODSR_SAM"):
+    os.environ.pop(_var, None)
+os.environ["CODSR_HOME"] = tempfile.mkdtemp(prefix="codsr-home-")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

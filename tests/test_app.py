@@ -130,6 +130,7 @@ def _expected(pipe, path: Path, scale: float, timestep: int, seed: int) -> np.nd
     return np.round(np.dstack([out, alpha]).clip(0, 1) * 255).astype(np.uint8)
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_gradio_client_upscale_equals_pipeline(tiny_pipe, served, images):
     gradio_client = pytest.importorskip("gradio_client", reason="optional extra not installed: gradio_client (codsr[app])")
     client = gradio_client.Client(served, verbose=False)
@@ -148,6 +149,7 @@ def test_restore_image_refuses_before_compute(tiny_pipe, images, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_batch_zip_in_zip_out_with_errors_listed(tiny_pipe, images, tmp_path):
     import zipfile
 

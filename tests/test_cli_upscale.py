@@ -107,6 +107,7 @@ def test_cli_accepts_a_budget_only_the_sequential_fallback_fits(tiny_model_dir, 
     assert seen[-1].sequential_unet and seen[-1].latent_tile < 64  # tiled: 512 px = 64 latent px
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_cli_budget_flags(tiny_model_dir, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
@@ -151,6 +152,7 @@ def folder(tmp_path):
     return src
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_upscale_folder_reports_bad_file_and_resumes(folder, tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "out"
     argv = ["upscale", "-i", str(folder), "-o", str(out), "-s", "2", "--device", "cpu", "--quiet",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -131,8 +133,19 @@ def cmyk_icc_profile() -> bytes:
     return header + struct.pack(">I", len(tags)) + entries + body
 
 
+@functools.cache
 def srgb_icc() -> bytes:
+    # littleCMS stamps the creation time into the profile header: build it once, so that two calls
+    # in one test never differ by a second boundary falling between them.
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_srgb_icc_helper_is_deterministic():
+    # The profile header holds the creation time (seconds at byte 35): two calls a second apart
+    # used to differ, which made test_icc_and_exif_kept_per_format flaky.
+    first = srgb_icc()
+    time.sleep(1.05)
+    assert srgb_icc() == first
 
 
 def exif_with(**tags: int | str) -> Image.Exif:

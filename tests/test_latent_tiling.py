@@ -102,5 +102,106 @@ def test_pooled_group_norm_equals_full_image_group_norm():
         plain = norm(tiles)
     assert "forward" not in vars(norm)  # the override is removed
     for i, (y, x0) in enumerate(offsets):
-        torch.testing.assert_close(pooled[2 * i : 2 * i + 2], full[..., y : y + 12, x0 : x0 + 12], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pooled[2 * i : 2 * i + 2], full[..., y : y + 12, x0 : x0 + 12], atol=1e-5, rtol=1e-5
+        )
     assert (plain[:2] - full[..., :12, :12]).abs().max() > 1e-2  # per-tile statistics differ
+
+
+def _tiny_unet_inputs(pipe, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = pipe.generator.unet.config.block_out_channels[0]
+    z_t = torch.randn(1, 4, h, w, generator=g)
+    scale = 0.1 * torch.randn(1, c, h, w, generator=g)
+    shift = 0.1 * torch.randn(1, c, h, w, generator=g)
+    emb = torch.randn(1, 77, pipe.generator.unet.config.cross_attention_dim, generator=g)
+    return z_t, torch.tensor([499]), emb, scale, shift
+
+
+@pytest.mark.parametrize("offload", [None, "disk"])
+def test_sequential_pooled_unet_tiles_equal_the_batched_tiles(tiny_pipeline, offload):
+    """Issue 17 item 3: UNet tiles one at a time, exact pooled GroupNorm statistics → the batched result."""
+    from codsr.model.lqfm import conv_in_modulation
+    from codsr.pipeline.latent_tiling import batched_noise_prediction, sequential_pooled_noise_prediction
+
+    model = tiny_pipeline.generator
+    unet = model.unet
+    z_t, ts, emb, scale, shift = _tiny_unet_inputs(tiny_pipeline, 28, 36)
+    tile, overlap = 16, 6  # 2×3 tiles, odd tile/8 resolutions (16 → 8 → 4 → 2): upsample sizes forwarded
+
+    def predict_batch(windows):
+        n = len(windows)
+        return model.predict_noise(
+            torch.cat([z_t[..., ys, xs] for ys, xs in windows]), ts.repeat(n), emb.repeat(n, 1, 1),
+            torch.cat([scale[..., ys, xs] for ys, xs in windows]), torch.cat([shift[..., ys, xs] for ys, xs in windows]),
+        )  # fmt: skip
+
+    def conv_in(ys, xs):
+        with conv_in_modulation(unet, scale[..., ys, xs], shift[..., ys, xs]):
+            return unet.conv_in(z_t[..., ys, xs])
+
+    with torch.no_grad():
+        batched = batched_noise_prediction(predict_batch, tuple(z_t.shape), tile, overlap, unet)
+        seq = sequential_pooled_noise_prediction(
+            unet, conv_in, tuple(z_t.shape), ts, emb, tile, overlap, offload=offload
+        )
+        # per-tile statistics (the release's way) differ clearly: the pooling is what makes them equal
+        per_tile = tiled_noise_prediction(
+            lambda ys, xs: model.predict_noise(z_t[..., ys, xs], ts, emb, scale[..., ys, xs], shift[..., ys, xs]),
+            tuple(z_t.shape), tile, overlap,
+        )  # fmt: skip
+    assert (seq - batched).abs().max().item() <= 1e-5
+    assert (per_tile - batched).abs().max().item() > 1e-3
+    # no GroupNorm is left patched
+    assert not any("forward" in vars(m) for m in unet.modules())
+
+
+def test_sequential_pooled_untiled_equals_the_plain_unet(tiny_pipeline):
+    from codsr.model.lqfm import conv_in_modulation
+    from codsr.pipeline.latent_tiling import sequential_pooled_noise_prediction
+
+    model = tiny_pipeline.generator
+    z_t, ts, emb, scale, shift = _tiny_unet_inputs(tiny_pipeline, 16, 16, seed=1)
+
+    def conv_in(ys, xs):
+        with conv_in_modulation(model.unet, scale[..., ys, xs], shift[..., ys, xs]):
+            return model.unet.conv_in(z_t[..., ys, xs])
+
+    with torch.no_grad():
+        ref = model.predict_noise(z_t, ts, emb, scale, shift)
+        out = sequential_pooled_noise_prediction(model.unet, conv_in, tuple(z_t.shape), ts, emb, 16, 4)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_restore_with_sequential_unet_tiles_equals_batched(tiny_pipeline):
+    """The plan's ``sequential_unet`` (what the planner falls back to under a budget) gives the batched result."""
+    from dataclasses import replace
+
+    from codsr.pipeline.tiling import TilePlan
+
+    lq = torch.rand(1, 3, 224, 288, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    batched = TilePlan(latent_tile=16, latent_overlap=6, vae_encoder_tile=None, vae_decoder_tile=None)
+    outs = {}
+    for name, plan in (("batched", batched), ("seq", replace(batched, sequential_unet=True)),
+                       ("seq_disk", replace(batched, sequential_unet=True, offload="disk"))):  # fmt: skip
+        with torch.no_grad():
+            outs[name] = tiny_pipeline.restore(
+                lq, prompt="x", generator=torch.Generator().manual_seed(1), tile_plan=plan
+            )
+    assert (outs["seq"] - outs["batched"]).abs().max().item() <= 1e-4
+    assert (outs["seq_disk"] - outs["seq"]).abs().max().item() == 0.0
+
+
+def test_planner_bounds_the_sequential_unet_and_offloads_its_tiles_when_needed():
+    from codsr.pipeline.tiling import DEFAULT_MODEL, GB, MemoryBudgetError, plan, plan_tiles
+
+    kw = dict(dtype=torch.bfloat16, resident=GB // 2)
+    with pytest.raises(MemoryBudgetError):
+        plan_tiles(4096, 4096, 8 * GB, **kw)  # the batched UNet (25 tiles of 150²) cannot fit 8 GiB
+    with pytest.warns(UserWarning, match="one by one"):
+        p = plan(4096, 4096, device="cpu", max_memory=8, **kw)
+    assert p.sequential_unet and p.offload == "disk" and p.latent_tile == 150 and p.predicted_peak <= 8 * GB
+    # kept on the device the stored tiles of a 4096² image (512² latent, 25 windows of 150²) cost
+    # 2600 elements per window px: 2600·25·150²·4 bytes
+    assert DEFAULT_MODEL.unet_stored(512, 512, 150, 50, 4) == pytest.approx(2600 * 25 * 150**2 * 4)
+    assert DEFAULT_MODEL.unet_stored(100, 100, 150, 50, 4) == 0.0  # untiled

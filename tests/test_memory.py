@@ -56,6 +56,7 @@ def test_restore_with_offloaded_vae_tiles_matches_untiled(tiny_pipeline):
     assert (out - ref).abs().max() < 1e-3
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_max_memory_plans_offloaded_tiles_for_restore(tiny_pipeline, monkeypatch, fixed_resident, plans):
     # A model in which the untiled VAE of a 384² image is huge and offloaded tiles are cheap, so a
     # 1 GB headroom forces tiling with offload.

@@ -40,6 +40,60 @@ def tiny_nltk_tagger(monkeypatch, tmp_path):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
 
 
+# A small hand-tagged set of RAM-style tag lists (adjectives JJ, singular NN, plural NNS).
+_J, _N, _S = "JJ", "NN", "NNS"
+TRAIN_TAG_LISTS = [
+    [("cat", _N), ("black", _J), ("whiskers", _S), ("furry", _J)],
+    [("dog", _N), ("brown", _J), ("grass", _N), ("green", _J), ("field", _N)],
+    [("building", _N), ("tall", _J), ("sky", _N), ("blue", _J), ("clouds", _S)],
+    [("car", _N), ("red", _J), ("street", _N), ("shiny", _J), ("wheels", _S)],
+    [("tree", _N), ("leafy", _J), ("branches", _S), ("wooden", _J), ("fence", _N)],
+    [("beach", _N), ("sandy", _J), ("waves", _S), ("sunny", _J), ("ocean", _N)],
+    [("flowers", _S), ("colorful", _J), ("garden", _N), ("beautiful", _J)],
+    [("mountain", _N), ("rocky", _J), ("snow", _N), ("white", _J), ("peaks", _S)],
+    [("house", _N), ("old", _J), ("windows", _S), ("wooden", _J), ("door", _N)],
+    [("bird", _N), ("small", _J), ("feathers", _S), ("yellow", _J), ("branch", _N)],
+    [("city", _N), ("busy", _J), ("buildings", _S), ("modern", _J), ("road", _N)],
+    [("table", _N), ("wooden", _J), ("chairs", _S), ("comfortable", _J), ("room", _N)],
+]  # fmt: skip
+
+
+@pytest.fixture
+def trained_nltk_tagger(monkeypatch, tmp_path):
+    """NLTK's averaged perceptron *trained* here (8 passes, fixed shuffle) on TRAIN_TAG_LISTS and
+    written with NLTK's own encoder into an nltk_data folder: the backend then runs the real tagger
+    with real learned weights (its tag dictionary is empty: every tag comes from the weights).
+    The released English model (averaged_perceptron_tagger_eng) is not on any package registry."""
+    import random
+
+    import nltk
+    from nltk.tag.perceptron import PerceptronTagger
+
+    state = random.getstate()
+    random.seed(0)  # PerceptronTagger.train shuffles with the module-level random
+    try:
+        tagger = PerceptronTagger(load=False)
+        tagger.train(TRAIN_TAG_LISTS, nr_iter=8)
+    finally:
+        random.setstate(state)
+    folder = tmp_path / "taggers" / "averaged_perceptron_tagger_eng"
+    folder.mkdir(parents=True)
+    for param, name in zip(tagger.encode_json_obj(), tagger.param_files("eng"), strict=True):
+        (folder / name).write_text(json.dumps(param))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    return tagger
+
+
+def test_nltk_backend_runs_a_trained_tagger(trained_nltk_tagger):
+    assert trained_nltk_tagger.tagdict == {} and len(trained_nltk_tagger.model.weights) > 100
+    caption = "horse, muddy, hooves, grassy, hill"  # no word of it was in the training lists
+    words = N.split_tags(caption)
+    assert N.pos_tags(words, backend="nltk") == ["NN", "JJ", "NNS", "JJ", "NN"]
+    assert N.pos_tags(words, backend="nltk") == [t for _, t in trained_nltk_tagger.tag(words)]
+    assert N.extract_nouns(caption, backend="nltk") == ["horse", "hooves", "hill"]
+    assert N.extract_nouns("boat, peaceful, dock, lovely", backend="nltk") == ["boat", "dock"]
+
+
 def test_spacy_drops_adjectives_keeps_nouns():
     assert N.extract_nouns("cat, tabby, black, whiskers", backend="spacy") == ["cat", "whiskers"]
     assert N.extract_nouns("dog, grass, green, brown, puppy, field", backend="spacy") == [

@@ -78,7 +78,8 @@ def test_bf16_keeps_schedule_in_fp32_and_stays_close(parity_dir, parity_case):
     case = parity_case("untiled")
     out = pipe.restore(case["lq"], prompt=case["prompt"], generator=_g(7))
     assert out.dtype == torch.float32
-    assert _psnr(out, case["output"]) > 20  # bf16 rounding through a random network; fp32 parity is exact
+    # bf16 rounding through a random network (fp32 parity is exact): measured 35.5 dB (CPU, torch 2.x)
+    assert _psnr(out, case["output"]) > 33
 
 
 # ------------------------------------------------------------------ restore = the model's forward
@@ -128,6 +129,7 @@ def test_timestep_is_the_fidelity_knob(tiny_pipeline):
 # ------------------------------------------------------------------ tiling
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_exact_vae_tiles_and_pooled_unet_tiles_stay_close_to_untiled(tiny_pipeline):
     x = _lq(512, 512, seed=1)
     untiled = TilePlan(latent_tile=1000, latent_overlap=0, vae_encoder_tile=None, vae_decoder_tile=None)
@@ -139,13 +141,20 @@ def test_exact_vae_tiles_and_pooled_unet_tiles_stay_close_to_untiled(tiny_pipeli
     tiles = TilePlan(latent_tile=32, latent_overlap=8, vae_encoder_tile=192, vae_decoder_tile=192)
     all_tiled = tiny_pipeline.restore(x, generator=_g(1), tile_plan=tiles)
     seq = tiny_pipeline.restore(x, generator=_g(1), tile_plan=replace(tiles, sequential_unet=True))
-    pooled_db, seq_db = _psnr(all_tiled, ref), _psnr(seq, ref)
-    assert pooled_db >= 35 and pooled_db > seq_db + 3  # per-tile GroupNorm (one by one) shifts tiles more
+    assert _psnr(all_tiled, ref) >= 35
+    # One tile at a time with the same pooled GroupNorm statistics: the batched result, bounded memory.
+    assert (seq - all_tiled).abs().max() < 1e-4
+    # The release's per-tile statistics (release_compat runs tiles one by one, each normalised alone)
+    # shift tiles more: that is what the pooled statistics fix.
+    per_tile = tiny_pipeline.restore(x, generator=_g(1), tile_plan=replace(tiles, vae_encoder_tile=None,
+                                     vae_decoder_tile=None), release_compat=True)  # fmt: skip
+    assert _psnr(all_tiled, ref) > _psnr(per_tile, ref) + 3
     err = (all_tiled - ref).abs().mean(dim=(0, 1, 2))
     seams = [8 * s for s in (24, 48)]  # latent tile starts 24, 48, 64 -> overlap midpoints nearby
     assert err[seams].max() < 5 * err.mean() + 1e-3
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_release_compat_uses_the_release_tiled_vae(tiny_pipeline):
     lq = _lq(256, 384)
     base = tiny_pipeline.restore(lq, generator=_g(7), tile_plan=TILES_16, release_compat=True)
@@ -157,6 +166,7 @@ def test_release_compat_uses_the_release_tiled_vae(tiny_pipeline):
     assert (ours - ours_untiled_vae).abs().max() < 1e-3  # ours is exact
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_plan_tiles_tells_which_plan_a_call_uses(tiny_pipeline, monkeypatch):
     seen = []
     real = pipeline_module.tiled_stages
@@ -213,6 +223,7 @@ def test_call_small_input_is_resized_back(tiny_pipeline):
     assert pipeline_module.processing_size(40, 24, 4) == (848, 512)
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_call_output_types_and_tagger(tiny_pipeline):
     seen = {}
 

@@ -9,11 +9,13 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from codsr.training.losses import (
     VGG16_FILENAME,
+    VGG16_HASH_PREFIX,
     VGG16_URL,
     LPIPSLoss,
     ReconstructionLoss,
     resolve_vgg16_weights,
 )
+from codsr.weights import WeightNotFoundError
 
 # LPIPS v0.1 input scaling (lpips.ScalingLayer) and torchvision VGG16 ``features`` split points.
 SHIFT = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
@@ -113,16 +115,78 @@ def test_lpips_rejects_mismatched_inputs(random_lpips):
         random_lpips(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 16))
 
 
-def test_missing_vgg_weights_raise_clear_error(tmp_path, monkeypatch):
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Empty torch and codsr caches under tmp_path; no network (downloads are stubbed by the tests)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.get_dir() follows TORCH_HOME again
+    monkeypatch.setenv("CODSR_HOME", str(tmp_path / "codsr"))
+    monkeypatch.delenv("CODSR_LPIPS_VGG", raising=False)
+    return tmp_path
+
+
+def vgg16_state(seed: int = 7) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    features = make_layers(cfgs["D"])  # exactly torchvision's vgg16().features
+    return features, {f"features.{k}": v for k, v in features.state_dict().items()}
+
+
+def test_missing_vgg_weights_raise_clear_error(empty_caches, monkeypatch):
+    tmp_path = empty_caches
     with pytest.raises(FileNotFoundError) as err:
         LPIPSLoss(vgg_weights=tmp_path / "nope.pth")
     assert VGG16_FILENAME in str(err.value) and VGG16_URL in str(err.value)
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
-        ReconstructionLoss()  # default: pretrained backbone from $TORCH_HOME/hub/checkpoints
-    assert str(tmp_path / "hub" / "checkpoints" / VGG16_FILENAME) in str(err.value)
-    assert VGG16_URL in str(err.value)
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightNotFoundError) as err:
+        ReconstructionLoss()  # default: pretrained backbone, found or downloaded
+    msg = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert msg.startswith(f"{VGG16_FILENAME} (")
+    for place in (
+        tmp_path / "codsr" / VGG16_FILENAME,
+        tmp_path / "torch" / "hub" / "checkpoints" / VGG16_FILENAME,
+    ):
+        assert str(place) in msg
+    assert f"download from {VGG16_URL} failed: OSError" in msg and "curl -L -o" in msg
+
+
+def test_vgg_weights_download_on_first_use_into_the_torch_cache(empty_caches, monkeypatch):
+    calls = []
+    _, state = vgg16_state()
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, dst, hash_prefix, progress))
+        torch.save(state, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    dest = empty_caches / "torch" / "hub" / "checkpoints" / VGG16_FILENAME
+    assert resolve_vgg16_weights() == dest
+    assert calls == [(VGG16_URL, str(dest), VGG16_HASH_PREFIX, True)]  # torchvision's checked download
+    assert resolve_vgg16_weights() == dest and len(calls) == 1  # cached: no second download
+    with pytest.raises(WeightNotFoundError):  # download=False never fetches
+        dest.unlink()
+        resolve_vgg16_weights(download=False)
+
+
+def test_vgg_weights_found_in_the_codsr_cache_and_env(empty_caches, monkeypatch):
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("no download expected")
+    )
+    features, state = vgg16_state(3)
+    in_home = empty_caches / "codsr" / VGG16_FILENAME
+    in_home.parent.mkdir(parents=True)
+    torch.save(state, in_home)
+    assert resolve_vgg16_weights() == in_home
+    loss = LPIPSLoss()
+    torch.testing.assert_close(getattr(loss.net.net.slice5, "28").weight, features[28].weight)
+    elsewhere = empty_caches / "mine.pth"
+    torch.save(state, elsewhere)
+    monkeypatch.setenv("CODSR_LPIPS_VGG", str(elsewhere))
+    assert resolve_vgg16_weights() == elsewhere
 
 
 def test_vgg16_weights_load_from_path_and_torch_home(tmp_path, monkeypatch, images):

@@ -161,6 +161,7 @@ def test_timesteps_are_per_sample_seeded_and_in_range(tmp_path, tiny_dir, images
 
 
 # ------------------------------------------------------------------------------------ learning
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_loss_decreases_when_overfitting_a_fixed_batch(tmp_path, tiny_dir, images):
     """Same batch, timesteps and noise every step: AdamW must drive the loss down steadily (the
     random, frozen VAE decoder of the tiny model bounds how far)."""
@@ -173,11 +174,13 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(tmp_path, tiny_dir, image
     for _ in range(25):
         trainer.rng.load_state_dict(streams)
         losses.append(trainer.optimizer_step()["loss"])
-    assert losses[-1] < 0.8 * losses[0], losses
-    assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 22, losses
+    # measured: 0.418 → 0.296 (ratio 0.707), falling at every one of the 24 steps
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 23, losses
 
 
 # ------------------------------------------------------------------------------------ export + CLI
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_cli_training_writes_release_checkpoint_that_the_pipeline_loads(tmp_path, tiny_dir, images, capsys):
     from codsr.pipeline.pipeline import CODSRPipeline
     from codsr.training.run import main
@@ -190,7 +193,11 @@ def test_cli_training_writes_release_checkpoint_that_the_pipeline_loads(tmp_path
                "validation.num_images=2"])  # fmt: skip
     assert rc == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "codsr_stage1_step000001.pkl", "codsr_stage1_step000002.pkl"]  # fmt: skip
+        "codsr_stage1_step000001.pkl", "codsr_stage1_step000001.pkl.json",
+        "codsr_stage1_step000002.pkl", "codsr_stage1_step000002.pkl.json"]  # fmt: skip
+    # each checkpoint records the base model it was trained on (the .pkl format has no room for it)
+    meta = json.loads((out / "codsr_stage1.pkl.json").read_text(encoding="utf-8"))
+    assert (meta["base_model"], meta["training_stage"], meta["training_step"]) == (str(tiny_dir), 1, 2)
     release = torch.load(out / "codsr_stage1.pkl", weights_only=True)
     assert set(release) == {
         "rank_vae", "vae_lora_encoder_modules", "state_dict_vae", "rank_unet", "unet_lora_encoder_modules",
@@ -219,7 +226,8 @@ def test_cli_training_writes_release_checkpoint_that_the_pipeline_loads(tmp_path
     assert trainer.step == 2
     lq = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ours = trainer.restore(lq, 100, seed=7)
-    pipe = CODSRPipeline.from_pretrained(tiny_dir, out / "codsr_stage1.pkl", device="cpu")
+    # tagger=None: prompt-free, as the trainer restores
+    pipe = CODSRPipeline.from_pretrained(tiny_dir, out / "codsr_stage1.pkl", device="cpu", tagger=None)
     theirs = pipe.restore(lq, prompt="", timestep=100, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
     untrained = Stage1Trainer(config(tmp_path / "u", tiny_dir, images, "loss.lpips_weight=0"))
@@ -239,6 +247,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_kill_and_resume_reproduce_the_uninterrupted_run(tmp_path, tiny_dir, images):
     """GAN (tiny ViT, from step 1), EMA, grad accumulation 2: N straight == N/2 + kill + resume."""
     extra = ["max_steps=4", "checkpoint.state_every=2", "train.gradient_accumulation_steps=2", "gan.enabled=true",

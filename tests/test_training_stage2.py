@@ -7,6 +7,7 @@ SAM 2 → stage 2 (``codsr train --config tiny/stage2``) in the tests below.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -207,8 +208,32 @@ def test_area_loss_falls_when_only_the_attention_is_trained(chain, tmp_path):
         trainer.rng.load_state_dict(streams)
         areas.append(trainer.optimizer_step()["area"])
     # 0.0507 → 0.0292 measured; the masks cover most of each image and the first attn2 map is 4×4
-    assert areas[-1] < 0.7 * areas[0], areas
+    assert areas[-1] < 0.65 * areas[0], areas
     assert all(b < a for a, b in zip(areas, areas[1:], strict=False)), areas
+
+
+def test_stage1_records_its_base_and_stage2_warns_on_another(chain, tmp_path):
+    import shutil
+    import warnings
+
+    from codsr.training.provenance import BaseModelMismatchWarning, read_provenance, sidecar_path
+
+    # stage 1 (run by the chain fixture through the CLI) wrote its base beside the checkpoint
+    meta = read_provenance(chain["stage1"])
+    assert sidecar_path(chain["stage1"]).is_file()
+    assert meta["base_model"] == str(chain["model"]) and meta["training_stage"] == 1
+    # same base: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        Stage2Trainer(config(chain, tmp_path / "same", "vsd.weight=0")).build_models()
+    # a different base folder (an identical copy is still another base): one warning naming both
+    other = tmp_path / "other_base"
+    shutil.copytree(chain["model"], other)
+    with pytest.warns(BaseModelMismatchWarning) as caught:
+        Stage2Trainer(config(chain, tmp_path / "o", "vsd.weight=0", f"model.base_model={other}")).build_models()
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert str(chain["model"]) in msg and str(other) in msg and "model.base_model" in msg
 
 
 def test_null_text_dropout_drops_the_masks_with_the_caption(chain, tmp_path):
@@ -253,7 +278,11 @@ def test_cli_writes_a_release_stage2_checkpoint_that_the_pipeline_loads(chain, t
     out = tmp_path / "cli"
     assert main(["--config", "tiny/stage2", "--set", *overrides(chain, out, "checkpoint.every=1")]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "codsr_stage2_step000001.pkl", "codsr_stage2_step000002.pkl"]  # fmt: skip
+        "codsr_stage2_step000001.pkl", "codsr_stage2_step000001.pkl.json",
+        "codsr_stage2_step000002.pkl", "codsr_stage2_step000002.pkl.json"]  # fmt: skip
+    meta = json.loads((out / "codsr_stage2.pkl.json").read_text(encoding="utf-8"))
+    assert (meta["base_model"], meta["training_stage"], meta["init_checkpoint"]) == (
+        str(chain["model"]), 2, str(chain["stage1"]))  # fmt: skip
     release = torch.load(out / "codsr_stage2.pkl", weights_only=True)
     groups = ("encoder", "decoder", "others")
     assert set(release) == {"rank_vae", "vae_lora_encoder_modules", "state_dict_vae", "rank_unet",
@@ -286,15 +315,18 @@ def test_cli_writes_a_release_stage2_checkpoint_that_the_pipeline_loads(chain, t
     lq = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ours = trainer.restore(lq, 100, seed=7)
     assert trainer.capture.maps == {}  # validation records no attention
-    pipe = CODSRPipeline.from_pretrained(chain["model"], out / "codsr_stage2.pkl", device="cpu")
+    # tagger=None: prompt-free, as the trainer restores
+    pipe = CODSRPipeline.from_pretrained(chain["model"], out / "codsr_stage2.pkl", device="cpu", tagger=None)
     theirs = pipe.restore(lq, prompt="", timestep=100, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
-    pipe1 = CODSRPipeline.from_pretrained(chain["model"], chain["stage1"], device="cpu")
+    # tagger=None: prompt-free, as the trainer restores
+    pipe1 = CODSRPipeline.from_pretrained(chain["model"], chain["stage1"], device="cpu", tagger=None)
     before = pipe1.restore(lq, prompt="", timestep=100, generator=torch.Generator().manual_seed(7))
     assert (before - theirs).abs().max() > 1e-5  # the alignment LoRA changed the output
 
 
 # ------------------------------------------------------------------------------------ resume
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 def test_resume_reproduces_the_uninterrupted_run(chain, tmp_path):
     """Accumulation 2 (fake-score gradients accumulated too): 2 steps == 1 step + resume + 1 step,
     bit for bit for the alignment LoRA and the VSD fake-score LoRA."""
@@ -345,7 +377,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_weights(chain, tmp_path):
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
+def test_two_processes_keep_identical_weights(chain, tmp_path, monkeypatch):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): the ranks see different
     data, yet DDP (alignment LoRA) and the explicit all-reduce (fake-score LoRA) keep them equal."""
     from safetensors import safe_open
@@ -378,3 +411,21 @@ def test_two_processes_keep_identical_weights(chain, tmp_path):
     assert any(k.startswith("generator.") for k in moved)
     meta = (list_states(tmp_path / "ddp" / "state")[-1] / "meta.json").read_text()
     assert '"world_size": 2' in meta and '"accumulation": 2' in meta  # 1 × 2 accumulation × 2 processes = 4
+
+    # The state the 2 processes wrote resumes in ONE process (accumulation 4 keeps the global batch of 4),
+    # starting from exactly the weights both ranks ended with.
+    seen = {}
+    original = Stage2Trainer._resume
+
+    def spy(self):
+        original(self)
+        seen.update({k: p.detach().clone() for k, p in self.trainable_parameters().items()})
+
+    monkeypatch.setattr(Stage2Trainer, "_resume", spy)
+    resumed = Stage2Trainer(config(chain, tmp_path / "ddp", "train.batch_size=1", "train.global_batch_size=4",
+                                   "train.gradient_accumulation_steps=null", "max_steps=3",
+                                   "prompts.null_text_prob=0", "resume=latest"))  # fmt: skip
+    assert resumed.train()["step"] == 3 and resumed.resumed_from.name == "step-00000002"
+    assert seen and seen.keys() == {k for k in ranks[0] if not k.startswith("fake.")}
+    for k, v in seen.items():
+        assert torch.equal(v.cpu(), ranks[0][k]), k

@@ -61,6 +61,7 @@ def test_per_tile_groupnorm_would_shift_colours(vae):
     assert (left[..., :128] - ref[..., :128]).abs().mean() > 10 * (tiled - ref).abs().mean()
 
 
+@pytest.mark.slow  # > 6 s on the 2-core machine: CI runs it; the default run leaves it out
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_offloaded_tiled_vae_equals_untiled(vae, offload, tmp_path):
     x = torch.rand(1, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 3 encoder tiles

@@ -292,6 +292,7 @@ class BatchItem:
     output: Path | None = None
     seconds: float = 0.0
     reason: str = ""
+    seed: int | None = None
 
 
 @dataclass
@@ -371,6 +372,9 @@ def run_batch(
     quality: int = 95,
     keep_metadata: bool = True,
     progress: bool = True,
+    outputs: Sequence[str | os.PathLike[str]] | None = None,
+    on_item: Callable[[str, BatchItem], None] | None = None,
+    remove_stale_temp: bool = True,
 ) -> BatchReport:
     """Run ``process`` over ``inputs`` and write one output per input into ``out_dir``.
 
@@ -384,6 +388,13 @@ def run_batch(
     are removed first. Planning errors (two inputs mapping to one output, an output replacing an
     input, a bad ``ext``) raise ValueError before anything runs; per-image problems are reported.
     Ctrl-C ends the run with ``interrupted=True`` (the image being written leaves no file).
+
+    For runs split over workers (docs/scale-out.md): ``outputs`` gives each input's planned output
+    (from :func:`plan_outputs` over the WHOLE input set, so names do not depend on the split);
+    ``on_item(status, item)`` is called after each input with "done", "skipped" or "failed" (e.g.
+    :meth:`codsr.scaleout.RunRecord.on_item`); ``remove_stale_temp=False`` skips the clean-up scan.
+    The clean-up only removes temp files of writers that are gone (dead pid on this host, old on
+    other hosts: :func:`codsr.atomic.remove_temp_files`), so workers may share ``out_dir``.
     """
     started = time.perf_counter()
     paths = [Path(p) for p in inputs]
@@ -393,9 +404,14 @@ def run_batch(
             Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths])) if paths else out_root
         )
     root = Path(input_root)
-    outputs = plan_outputs(paths, root, out_root, suffix, ext)
+    if outputs is None:
+        outputs = plan_outputs(paths, root, out_root, suffix, ext)
+    else:
+        outputs = [Path(o) for o in outputs]
+        if len(outputs) != len(paths):
+            raise ValueError(f"outputs: {len(outputs)} paths for {len(paths)} inputs; give one per input")
     out_root.mkdir(parents=True, exist_ok=True)  # fail before any compute if it cannot be made
-    report = BatchReport(removed_temp_files=remove_temp_files(out_root))
+    report = BatchReport(removed_temp_files=remove_temp_files(out_root) if remove_stale_temp else [])
     for leftover in report.removed_temp_files:
         logger.info("removed leftover temp file %s", leftover)
 
@@ -414,17 +430,24 @@ def run_batch(
         for index, (src, out) in enumerate(zip(paths, outputs, strict=True)):
             bar.set_postfix_str(src.name, refresh=False)
             item_start = time.perf_counter()
+            item_seed = image_seed(seed, _relative(src, root))
             if skip_existing and out.exists():
-                report.skipped.append(BatchItem(src, out, 0.0, "output exists"))
+                report.skipped.append(BatchItem(src, out, 0.0, "output exists", item_seed))
+                if on_item is not None:
+                    on_item("skipped", report.skipped[-1])
                 bar.update(1)
                 continue
             final, failure = _process_one(src, out, root, process, seed, quality, keep_metadata)
             seconds = time.perf_counter() - item_start
             if failure is None:
-                report.done.append(BatchItem(src, final, seconds))
+                report.done.append(BatchItem(src, final, seconds, seed=item_seed))
+                if on_item is not None:
+                    on_item("done", report.done[-1])
             else:
                 stage, reason, fatal = failure
-                report.failed.append(BatchItem(src, None, seconds, f"{stage}: {reason}"))
+                report.failed.append(BatchItem(src, None, seconds, f"{stage}: {reason}", item_seed))
+                if on_item is not None:
+                    on_item("failed", report.failed[-1])
                 note(f"failed {src}: {stage}: {reason}")
                 if fatal:
                     report.aborted = f"cannot write to {out.parent}: {reason}"

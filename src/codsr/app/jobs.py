@@ -82,8 +82,10 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise JobError(f"cannot read {path.name}: not an image Pillow can decode ({exc})") from None
 
 
-def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans: list[str], notes: list[str]):
-    """``process(image, seed)`` for :func:`codsr.batch.run_batch`, as ``codsr upscale`` builds it."""
+def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans: list[str], notes: list[str],
+              region: dict[str, Any] | None = None):  # fmt: skip
+    """``process(image, seed)`` for :func:`codsr.batch.run_batch`, as ``codsr upscale`` builds it;
+    ``region``: ``control_map`` / ``noise_scale`` keyword arguments of the pipeline (docs/region-control.md)."""
     import torch
 
     from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
@@ -110,6 +112,7 @@ def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans:
                 generator=torch.Generator().manual_seed(seed),
                 output_type="np",
                 **plan_kwargs(current["plan"]),
+                **(region or {}),
             )
 
         def on_retry(_err: BaseException, smaller) -> None:
@@ -134,8 +137,13 @@ def restore_image(
     *,
     max_output_pixels: int,
     on_event: EventFn | None = None,
+    control_map: Any = None,
+    noise_scale: float = 1.0,
 ) -> SingleResult:
     """Restore one image file into a new folder under ``work_dir`` and return what was done.
+
+    ``control_map`` / ``noise_scale``: region control (docs/region-control.md), e.g. from the page's
+    brush (:func:`codsr.app.region.control_map_from_editor`); a bad map is a :class:`JobError`.
 
     Raises :class:`~codsr.app.settings.OutputTooLargeError` (before any compute) when the output
     would exceed ``max_output_pixels``, and :class:`JobError` when the image cannot be read or
@@ -160,7 +168,9 @@ def restore_image(
     started = time.perf_counter()
     report = run_batch(
         [src],
-        _restorer(pipe, settings, on_event, plans, notes),
+        _restorer(pipe, settings, on_event, plans, notes,
+                  None if control_map is None and noise_scale == 1.0 else
+                  {"control_map": control_map, "noise_scale": noise_scale}),  # fmt: skip
         out_dir=job / "out",
         skip_existing=False,
         input_root=src.parent,

@@ -19,7 +19,7 @@ from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COLOR_FIXES = ("adain", "wavelet", "none")
-TAGGERS = ("none", "dape", "ram")
+TAGGERS = ("auto", "none", "dape", "ram")
 MAX_SCALE = 16.0
 # Host bytes held per output pixel by one job: the float32 LQ at output size, the restored image,
 # the colour fix's intermediates, the numpy copy and the PNG encoder's rows (measured ≈ 90 on the
@@ -40,7 +40,7 @@ class AppConfig:
     device: str | None = None
     precision: str | None = None
     alignment_scale: float = 1.0
-    tagger: str = "none"
+    tagger: str = "auto"
     ram: str | None = None
     dape: str | None = None
     revision: str | None = None
@@ -213,8 +213,11 @@ def upscale_command(input_name: str, settings: JobSettings, config: AppConfig, *
         argv += ["--tile", str(int(settings.tile)), "--tile-overlap", str(settings.effective_tile_overlap)]
     elif settings.max_memory not in (None, ""):
         argv += ["--max-memory", str(settings.max_memory)]
-    if tagger_tags and config.tagger != "none":
-        argv += ["--tagger", config.tagger]
+    if config.tagger == "none":
+        argv += ["--tagger", "none"]  # the CLI's default is auto
+    elif tagger_tags:
+        if config.tagger != "auto":
+            argv += ["--tagger", config.tagger]
         if config.ram:
             argv += ["--ram", config.ram]
         if config.dape:

@@ -20,6 +20,7 @@ import gradio as gr
 from codsr.app.jobs import JobError, prune_jobs, restore_image, restore_many, tag_image
 from codsr.app.loader import PipelineLoader, precision_name
 from codsr.app.progress import STAGE_LABEL, STAGE_START, progress_fraction
+from codsr.app.region import BRUSH_MODES, control_map_from_editor
 from codsr.app.settings import (
     COLOR_FIXES,
     PRECISIONS,
@@ -126,7 +127,8 @@ def build_app(
     @_reported
     def upscale(image, scale, timestep, seed, color_fix="adain", alignment_scale=1.0, precision=None,
                 tags=None, prompt=None, random_seed=False, max_memory=None, tile=0, tile_overlap=400,
-                auto_tags=None, progress=gr.Progress()):  # noqa: B008  # fmt: skip
+                auto_tags=None, region_brush=None, region_mode=BRUSH_MODES[0], region_map=None, noise_scale=1.0,
+                progress=gr.Progress()):  # noqa: B008  # fmt: skip
         """Restore one image. Returns (result PNG, (bicubic, result), PNG file, report, command, seed)."""
         if not image:
             raise _user_error("No image: upload, paste or drop one first.")
@@ -143,12 +145,18 @@ def build_app(
 
         prune_jobs(work, keep_jobs)
         try:
-            result = restore_image(p, image, s, work, max_output_pixels=limit, on_event=on_event)
-        except (OutputTooLargeError, JobError) as exc:
+            cmap = control_map_from_editor(region_brush, region_mode, region_map)
+            ns = 1.0 if noise_scale is None else float(noise_scale)
+            result = restore_image(p, image, s, work, max_output_pixels=limit, on_event=on_event, control_map=cmap,
+                                   noise_scale=ns)  # fmt: skip
+        except (OutputTooLargeError, JobError, ValueError) as exc:
             raise _user_error(str(exc)) from None
         progress(STAGE_START["finish"], desc=STAGE_LABEL["finish"])
         name = Path(image).name
         command = upscale_command(name, s, config, tagger_tags=tagger_tags or (not tags and p.tagger is None))
+        if cmap is not None or ns != 1.0:
+            command = ("# region control from the page: add --control-map MAP.png (black = faithful) / "
+                       f"--noise-scale {ns:g} (docs/region-control.md)\n" + command)  # fmt: skip
         if tags and not tagger_tags:
             command = ("# the tags were edited in the page; `codsr upscale` takes the tagger's tags, so its "
                        "result can differ\n" + command)  # fmt: skip
@@ -240,6 +248,16 @@ def build_app(
                             tile = gr.Number(0, label="Tile size (output px, 0 = automatic)", precision=0, minimum=0)
                             tile_overlap = gr.Number(400, label="UNet tile overlap (output px, ≤ a third of the tile)", precision=0,
                                                      minimum=0)  # fmt: skip
+                    with gr.Accordion("Region control (protect faces, text, ...)", open=False):
+                        gr.Markdown("Paint over regions to keep faithful (no generated detail), or upload a "
+                                    "grayscale map (black = faithful, white = normal). docs/region-control.md")  # fmt: skip
+                        region_brush = gr.ImageEditor(type="pil", label="Brush", sources=(), layers=False,
+                                                      elem_id="codsr-region-brush")  # fmt: skip
+                        region_mode = gr.Radio(list(BRUSH_MODES), value=BRUSH_MODES[0], label="Painted area")
+                        region_map = gr.Image(type="filepath", label="…or a control map (grayscale)", image_mode=None,
+                                              sources=["upload"], elem_id="codsr-region-map")  # fmt: skip
+                        noise_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Noise scale",
+                                                info="multiplies the RGPA noise everywhere; 1 = the method")  # fmt: skip
                     run = gr.Button("Upscale", variant="primary", elem_id="codsr-run")
                 with gr.Column():
                     slider = gr.ImageSlider(type="filepath", label="Bicubic ⟷ CODSR", image_mode=None,
@@ -255,12 +273,15 @@ def build_app(
             run.click(
                 upscale,
                 inputs=[image, scale, timestep, seed, color_fix, alignment, precision, tags, prompt, random_seed,
-                        max_memory, tile, tile_overlap, auto_tags],  # fmt: skip
+                        max_memory, tile, tile_overlap, auto_tags, region_brush, region_mode, region_map,
+                        noise_scale],  # fmt: skip
                 outputs=[result, slider, download, report, command, seed],
                 api_name="upscale",
                 concurrency_limit=1,
                 concurrency_id="device",
             )
+            # the brush paints over the input image
+            image.change(lambda path: path, inputs=[image], outputs=[region_brush], api_visibility="private")
             if has_tagger:
                 for trigger in (image.change, scale.release):
                     trigger(retag, inputs=[image, scale, tags, auto_tags], outputs=[tags, auto_tags],

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 # Order is the order shown in ``codsr --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "codsr.cli.upscale",
+    "codsr.cli.report",
     "codsr.cli.app",
     "codsr.evaluation.cli",
     "codsr.tagging.cli",
@@ -25,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "codsr.testing.cli",
     "codsr.stage2.cli",
     "codsr.cli.hub",
+    "codsr.cli.doctor",
 )
 
 

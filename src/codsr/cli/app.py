@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name in PRECISIONS:
         prec.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
                           help=f"load in {name} (default: fp16 on CUDA/MPS, fp32 on CPU; the page can switch)")  # fmt: skip
-    p.add_argument("--tagger", choices=("none", "dape", "ram"), default="none",
-                   help="prompt tagger filling the page's tags (dape = the method's; needs RAM/DAPE weights)")  # fmt: skip
+    p.add_argument("--tagger", choices=("auto", "dape", "ram", "none"), default="auto",
+                   help="prompt tagger filling the page's tags; auto (default) = DAPE when its weights are found, "
+                        "else none with one warning, as `codsr upscale` (docs/inference.md#prompts)")  # fmt: skip
     p.add_argument("--ram", default=None, help="path or Hub reference of ram_swin_large_14m.pth")
     p.add_argument("--dape", default=None, help="path or Hub reference of DAPE.pth")
     p.add_argument("--alignment-scale", type=float, default=1.0, help="initial λ_sem (the page can change it)")

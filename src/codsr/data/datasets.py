@@ -28,6 +28,15 @@ Bad files: corrupt or unreadable images, and (with ``small_images="skip"``) imag
 the crop, are skipped with a ``UserWarning`` naming the file; the item then comes from the next
 index. ``dataset.skipped`` maps path → reason for this process (each worker has its own copy);
 ``item["num_skipped"]`` lets the training loop sum them across workers.
+
+Resizing the LQ back to the crop size (``lq_resize``, docs/training.md#lq-resize): ``"release"``
+(default) follows the authors' training data loader: the 8-bit LQ crop is resized ×scale with
+PIL (``Image.resize``) and a filter drawn from ``resize_back_modes`` (nearest, bilinear,
+bicubic), the result rounded to 8 bits. ``"inference"`` uses what inference uses for every
+input (``codsr.pipeline.image_processing.resize_image``): PIL bicubic in float, no rounding,
+so training sees the same upsampler as inference. ``"torch"`` is ``torch.nn.functional.interpolate``
+with a mode drawn from ``resize_back_modes`` (the earlier behaviour; its bicubic uses a = -0.75
+where PIL's uses a = -0.5).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from codsr.data import kernels as K
 from codsr.data.degradation import DegradationConfig, degrade, random_resize_back, sample_kernels
 from codsr.imageio import IMAGE_EXTENSIONS  # the one list of image extensions (re-exported)
 
@@ -55,7 +65,20 @@ __all__ = [
     "PairedImageDataset",
     "collate",
     "PromptFn",
+    "LQ_RESIZES",
+    "pil_resize",
+    "resize_lq_back",
+    "SyntheticLQ",
 ]
+
+LQ_RESIZES: tuple[str, ...] = ("release", "inference", "torch")
+"""How the LQ crop is resized back to the HQ crop size in training (module doc, ``lq_resize``)."""
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 PromptFn = Callable[[str, tuple[int, int, int, int]], str]
 """Prompt hook: ``prompt_fn(path, (top, left, height, width)) -> text``."""
@@ -153,6 +176,77 @@ def pad_to_size(arr: np.ndarray, height: int, width: int, mode: str = "reflect")
     return np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode=mode)
 
 
+def pil_resize(lq01: torch.Tensor, size: tuple[int, int], mode: str, quantize: bool) -> torch.Tensor:
+    """Resize (B, C, h, w) in [0, 1] to ``size`` = (H, W) with PIL's ``mode`` filter, on the CPU.
+
+    ``quantize=True``: on the 8-bit image (``Image.resize`` of an RGB image, as the authors' training
+    loader does; the input is rounded to 8 bits first, the output is 8-bit). ``quantize=False``:
+    per channel in float (PIL mode "F"), as inference resizes (``resize_image``); clamped to [0, 1].
+    """
+    if mode not in _PIL_FILTERS:
+        raise ValueError(f"unknown resize mode {mode!r}; use one of {', '.join(_PIL_FILTERS)}")
+    flt, (height, width) = _PIL_FILTERS[mode], (int(size[0]), int(size[1]))
+    out = []
+    for im in lq01.detach().float().cpu().clamp(0, 1):
+        if quantize:
+            u8 = (im * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            img = Image.fromarray(u8 if u8.shape[2] != 1 else u8[:, :, 0])
+            arr = np.asarray(img.resize((width, height), flt), dtype=np.float32) / 255.0
+            out.append(torch.from_numpy(arr.reshape(height, width, -1)).permute(2, 0, 1))
+        else:
+            chans = [
+                np.asarray(
+                    Image.fromarray(c.numpy(), mode="F").resize((width, height), flt), dtype=np.float32
+                )
+                for c in im
+            ]
+            out.append(torch.from_numpy(np.stack(chans)).clamp(0, 1))
+    return torch.stack(out).to(lq01.device, lq01.dtype)
+
+
+def resize_lq_back(
+    lq01: torch.Tensor,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    how: str = "release",
+    modes: Sequence[str] = ("nearest", "bilinear", "bicubic"),
+) -> tuple[torch.Tensor, list[str]]:
+    """Resize each LQ sample (B, C, h, w) in [0, 1] back to ``size`` = (H, W) the ``how`` way
+    (:data:`LQ_RESIZES`, module doc); returns the images and the filter used for each sample.
+
+    ``"release"`` and ``"torch"`` draw one filter per sample from ``modes`` with ``generator`` (the
+    same draws for both); ``"inference"`` always uses bicubic and draws nothing.
+    """
+    if how not in LQ_RESIZES:
+        raise ValueError(f"lq_resize must be one of {', '.join(LQ_RESIZES)}, got {how!r}")
+    if how == "torch":
+        return random_resize_back(lq01, size, generator, modes)
+    if how == "inference":
+        return pil_resize(lq01, size, "bicubic", quantize=False), ["bicubic"] * lq01.shape[0]
+    modes = tuple(modes)
+    chosen = [modes[K.choice(generator, [1.0] * len(modes))] for _ in range(lq01.shape[0])]
+    out = torch.cat([pil_resize(lq01[i : i + 1], size, m, quantize=True) for i, m in enumerate(chosen)])
+    return out, chosen
+
+
+class SyntheticLQ:
+    """``SyntheticLQ(config, lq_resize)(hq01, generator)``: the LQ of a (3, C, C) HQ crop in [0, 1]:
+    Real-ESRGAN degradation (docs/method.md#stage-1), then resized back to C×C the ``lq_resize``
+    way. A picklable ``degrade`` callable for :class:`codsr.stage2.dataset.Stage2Dataset`."""
+
+    def __init__(self, config: DegradationConfig | None = None, lq_resize: str = "release") -> None:
+        if lq_resize not in LQ_RESIZES:
+            raise ValueError(f"lq_resize must be one of {', '.join(LQ_RESIZES)}, got {lq_resize!r}")
+        self.config = config or DegradationConfig()
+        self.lq_resize = lq_resize
+
+    def __call__(self, hq01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        small = degrade(hq01[None], generator, self.config)
+        size = (int(hq01.shape[-2]), int(hq01.shape[-1]))
+        lq, _ = resize_lq_back(small, size, generator, self.lq_resize, self.config.resize_back_modes)
+        return lq[0]
+
+
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack tensors, turn numbers/bools into tensors, keep strings and others as lists."""
     if not items:
@@ -243,6 +337,7 @@ class HQImageDataset(_SkippingDataset):
         seed: base seed; items depend on (seed, epoch, index) only.
         small_images: ``"pad"`` (reflect-pad bottom/right to the crop) or ``"skip"`` (warn, skip).
         prompt_fn: optional ``prompt_fn(path, crop_box) -> str``; the prompt is "" without it.
+        lq_resize: how ``lq`` is resized back to the crop (:data:`LQ_RESIZES`, module doc).
     """
 
     def __init__(
@@ -255,8 +350,12 @@ class HQImageDataset(_SkippingDataset):
         seed: int = 0,
         small_images: str = "pad",
         prompt_fn: PromptFn | None = None,
+        lq_resize: str = "release",
     ) -> None:
         super().__init__(seed, small_images, prompt_fn)
+        if lq_resize not in LQ_RESIZES:
+            raise ValueError(f"lq_resize must be one of {', '.join(LQ_RESIZES)}, got {lq_resize!r}")
+        self.lq_resize = lq_resize
         if degrade_in not in ("worker", "batch", "none"):
             raise ValueError(f"degrade_in must be 'worker', 'batch' or 'none', got {degrade_in!r}")
         self.degradation = degradation or DegradationConfig()
@@ -300,7 +399,9 @@ class HQImageDataset(_SkippingDataset):
         }
         if self.degrade_in == "worker":
             lq_small = degrade(hq[None], generator, self.degradation)
-            lq, modes = random_resize_back(lq_small, (c, c), generator, self.degradation.resize_back_modes)
+            lq, modes = resize_lq_back(
+                lq_small, (c, c), generator, self.lq_resize, self.degradation.resize_back_modes
+            )
             item["lq"] = lq[0] * 2 - 1
             item["resize_mode"] = modes[0]
         elif self.degrade_in == "batch":
@@ -317,7 +418,8 @@ class PairedImageDataset(_SkippingDataset):
     the files. Each pair's scale is ``HQ width // LQ width`` (HQ may exceed ``scale × LQ`` by
     less than ``scale`` pixels, as after a mod-crop); aligned crops of ``crop_size`` (HQ) and
     ``crop_size / scale`` (LQ) are taken, flipped together, and LQ is resized back to the HQ crop
-    size with a random mode from ``resize_back_modes`` (pass ``resize_back=False`` to keep it small).
+    size with a random mode from ``resize_back_modes`` the ``lq_resize`` way (module doc; pass
+    ``resize_back=False`` to keep it small).
     ``crop_size=None`` uses the whole images (then batch only same-size images).
     """
 
@@ -334,8 +436,12 @@ class PairedImageDataset(_SkippingDataset):
         hq_suffix: str = "",
         resize_back: bool = True,
         resize_back_modes: Sequence[str] = ("nearest", "bilinear", "bicubic"),
+        lq_resize: str = "release",
     ) -> None:
         super().__init__(seed, small_images, prompt_fn)
+        if lq_resize not in LQ_RESIZES:
+            raise ValueError(f"lq_resize must be one of {', '.join(LQ_RESIZES)}, got {lq_resize!r}")
+        self.lq_resize = lq_resize
         self.crop_size = crop_size
         self.flip = flip
         self.resize_back = resize_back
@@ -428,7 +534,9 @@ class PairedImageDataset(_SkippingDataset):
             "flipped": flipped,
         }
         if self.resize_back:
-            lq_t, modes = random_resize_back(lq_t[None], (c_h, c_w), generator, self.resize_back_modes)
+            lq_t, modes = resize_lq_back(
+                lq_t[None], (c_h, c_w), generator, self.lq_resize, self.resize_back_modes
+            )
             lq_t = lq_t[0]
             item["resize_mode"] = modes[0]
         item["lq"] = lq_t * 2 - 1

@@ -113,6 +113,9 @@ class CODSRModel(nn.Module):
         self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)
         self.lora_ranks: dict[str, int] = {}
         self.lora_modules: dict[str, list[str]] = {}
+        # The checkpoint tensors of LoRA merged into the weights (plain dict, not module state):
+        # what export_checkpoint writes for the merged parts, so load → merge → export round-trips.
+        self.merged_lora: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def scaling_factor(self) -> float:
@@ -138,6 +141,9 @@ class CODSRModel(nn.Module):
         *,
         stages: ForwardStages | None = None,
         decode: bool = False,
+        control_map: torch.Tensor | None = None,
+        noise_scale: float = 1.0,
+        fidelity_timestep: int | None = None,
     ) -> CODSRModelOutput:
         """One-step restoration of ``x_l`` (B×3×H×W in [-1, 1]) to ẑ_H, and x_H when ``decode``.
 
@@ -145,6 +151,12 @@ class CODSRModel(nn.Module):
         ``generator`` in the contract's order (posterior first, RGPA second) unless given
         explicitly. ``stages`` swaps the encode / noise-prediction / decode implementations
         (tiling); the equations and their order stay these.
+
+        Region control (docs/region-control.md): ``control_map`` (B×1×h×w on the latent grid, values
+        in [0, 1]) and the scalar ``noise_scale`` multiply the RGPA weight map, so Eq. 3 becomes
+        ε_a = (m · noise_scale · W(g_{x_L})) ε. With ``fidelity_timestep`` t_f (and a map that is not
+        all ones) a second noise prediction at t_f gives ẑ_H(t_f) by Eq. 1–2 from the same z_L and
+        ε_a, and the result is the per-cell blend ẑ_H = lerp(ẑ_H(t_f), ẑ_H(t), m).
         """
         stages = stages or ForwardStages()
         b = x_l.shape[0]
@@ -162,7 +174,7 @@ class CODSRModel(nn.Module):
         z_l = self.latent_from_moments(moments, posterior_noise)
         del moments
         # RGPA: ε_a = W(x_L)·ε (Eq. 3) and z_t = √ᾱ_t z_L + √(1-ᾱ_t) ε_a (Eq. 1).
-        z_t, eps_a, weight = self.noisy_latent(x_l, z_l, timesteps, rgpa_noise)
+        z_t, eps_a, weight = self.noisy_latent(x_l, z_l, timesteps, rgpa_noise, control_map, noise_scale)
         _, _, w_t = self.time_coefficients(timesteps)
         # LQFM: SFT maps of x_L scaled by λ_t = 1/w_t modulate conv_in (Eq. 4).
         scale, shift = self.modulation(x_l, w_t)
@@ -171,6 +183,8 @@ class CODSRModel(nn.Module):
         del scale, shift  # the largest latent-resolution tensors: freed before the decode
         # One-step x0 estimate ẑ_H = z_L + w_t (ε_a − ε_θ) (Eq. 2).
         z_h = self.denoise(z_l, eps_a, eps_pred, w_t)
+        if fidelity_timestep is not None and control_map is not None and not bool((control_map == 1).all()):
+            z_h = self._blend_fidelity(x_l, z_l, eps_a, z_h, fidelity_timestep, prompt_embeds, control_map, stages)
         x_h = (stages.decode or self.decode)(z_h) if decode else None
         return CODSRModelOutput(
             z_h=z_h, z_l=z_l, z_t=z_t, eps_a=eps_a, eps_pred=eps_pred, weight=weight, w_t=w_t, x_h=x_h
@@ -195,13 +209,57 @@ class CODSRModel(nn.Module):
         return (mean + std * noise.float()) * self.scaling_factor
 
     def noisy_latent(
-        self, x_l: torch.Tensor, z_l: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+        self,
+        x_l: torch.Tensor,
+        z_l: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        control_map: torch.Tensor | None = None,
+        noise_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RGPA (paper Eq. 1, 3): returns (z_t, ε_a, W) in float32."""
+        """RGPA (paper Eq. 1, 3): returns (z_t, ε_a, W) in float32.
+
+        W is the weight map of Eq. 3 times ``noise_scale`` and times ``control_map`` (B×1×h×w or
+        1×1×h×w in [0, 1]) when given (region control, docs/region-control.md); a factor of exactly
+        1 leaves W bit for bit unchanged.
+        """
         weight = rgpa_weight_map(x_l, self.rgpa, latent_size=tuple(z_l.shape[-2:]))
+        if noise_scale != 1.0:
+            weight = weight * float(noise_scale)
+        if control_map is not None:
+            if control_map.ndim != 4 or control_map.shape[1] != 1 or tuple(control_map.shape[-2:]) != tuple(
+                weight.shape[-2:]
+            ):
+                raise ValueError(
+                    f"control_map must be B×1×{weight.shape[-2]}×{weight.shape[-1]} (the latent grid), got "
+                    f"{tuple(control_map.shape)}; codsr.pipeline.control_map.control_map_to_latent resizes a map"
+                )
+            weight = weight * control_map.to(weight.device, torch.float32)
         eps_a = noise.float() * weight
         sqrt_a, sqrt_1m, _ = self.time_coefficients(timesteps)
         return sqrt_a * z_l + sqrt_1m * eps_a, eps_a, weight
+
+    def _blend_fidelity(
+        self,
+        x_l: torch.Tensor,
+        z_l: torch.Tensor,
+        eps_a: torch.Tensor,
+        z_h: torch.Tensor,
+        fidelity_timestep: int,
+        prompt_embeds: torch.Tensor,
+        control_map: torch.Tensor,
+        stages: ForwardStages,
+    ) -> torch.Tensor:
+        """lerp(ẑ_H(t_f), ẑ_H(t), m): Eq. 1, 4 and 2 again at t_f with the same z_L and ε_a, then a
+        per-cell blend (exactly ẑ_H(t_f) where m = 0 and ẑ_H(t) where m = 1; docs/region-control.md)."""
+        t_f = torch.full((z_l.shape[0],), int(fidelity_timestep), dtype=torch.long, device=z_l.device)
+        sqrt_a, sqrt_1m, w_f = self.time_coefficients(t_f)
+        z_t = sqrt_a * z_l + sqrt_1m * eps_a
+        scale, shift = self.modulation(x_l, w_f)
+        eps_pred = (stages.predict_noise or self.predict_noise)(z_t, t_f, prompt_embeds, scale, shift)
+        del scale, shift
+        z_f = self.denoise(z_l, eps_a, eps_pred, w_f)
+        return torch.lerp(z_f, z_h, control_map.to(z_h.device, torch.float32).expand_as(z_h))
 
     def modulation(self, x_l: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LQFM maps already divided by w_t (λ_t = 1/w_t, paper Eq. 4)."""
@@ -238,6 +296,7 @@ class CODSRModel(nn.Module):
     def add_stage1_lora(self, rank_vae: int = 4, rank_unet: int = 16) -> None:
         """Inject the trainable stage-1 adapters (docs/method.md#lora-layout) with peft, all active."""
         vae_modules = vae_lora_target_modules(self.vae)
+        self.merged_lora = {}  # fresh adapters: nothing merged is theirs
         add_adapter(self.vae, rank_vae, vae_modules, VAE_ADAPTER)
         groups = unet_lora_target_modules(self.unet)
         for group in UNET_GROUPS:
@@ -269,7 +328,8 @@ class CODSRModel(nn.Module):
         Merged: ``W += (8/r)·ΔW`` for the stage-1 adapters, then ``W += λ_sem·(8/r)·ΔW`` for the
         alignment adapters, in float32 (as the release merges). Unmerged: peft adapters holding
         the checkpoint's tensors, for training or inspection. The VAE LoRA stays unmerged by
-        default because that is what the release computes (merging moves z_L by ~1e-4).
+        default because that is what the release computes (merging moves z_L by ~1e-4). The merged
+        parts' checkpoint tensors are kept (:attr:`merged_lora`) for :meth:`export_checkpoint`.
         """
         ckpt.validate()
         missing, unexpected = self.sft.load_state_dict(ckpt.sft, strict=False)
@@ -279,12 +339,16 @@ class CODSRModel(nn.Module):
         scale_unet = RELEASE_LORA_ALPHA / ckpt.rank_unet
         _check_lora_shapes(self.vae, ckpt.vae_lora, "VAE")
         _check_lora_shapes(self.unet, ckpt.unet_lora, "UNet")
+        self.merged_lora = {}
         if merge_vae:
             merge_lora_weights(self.vae, ckpt.vae_lora, ckpt.vae_lora_modules, VAE_ADAPTER, scale_vae)
+            self.merged_lora["vae"] = dict(ckpt.vae_lora)
         else:
             add_adapter(self.vae, ckpt.rank_vae, ckpt.vae_lora_modules, VAE_ADAPTER)
             _load_lora_tensors(self.vae, ckpt.vae_lora, "VAE")
         if merge_unet:
+            self.merged_lora["unet"] = dict(ckpt.unet_lora)
+            self.merged_lora["unet_extra"] = dict(ckpt.unet_extra)
             for alignment, factor in ((False, 1.0), (True, alignment_scale)):
                 if alignment and not ckpt.has_alignment:
                     continue
@@ -313,19 +377,27 @@ class CODSRModel(nn.Module):
                                                                      for g in UNET_GROUPS}}  # fmt: skip
 
     def export_checkpoint(self, metadata: dict | None = None) -> CODSRCheckpoint:
-        """Collect the (unmerged, peft) adapters and the SFT into a checkpoint."""
+        """Collect the LoRA (peft adapters, or the tensors of a merged load) and the SFT into a checkpoint.
+
+        After a merged :meth:`load_checkpoint` the merged parts are exported as the checkpoint's own
+        tensors (whatever ``alignment_scale`` was: λ_sem is a load-time knob, not stored), so loading
+        the export gives the same model as loading the original.
+        """
         if not self.lora_ranks:
-            raise RuntimeError("the generator holds no LoRA adapters to export (merged or never added)")
+            raise RuntimeError("the generator holds no LoRA adapters to export (none loaded or added)")
         unet_sd = self.unet.state_dict()
         extra = {k: v.detach().clone() for k, v in unet_sd.items()
                  if k.startswith(("conv_in.base_layer.", "conv_out.base_layer."))}  # fmt: skip
+        if "unet" in self.merged_lora:
+            extra = {k: v.detach().clone() for k, v in self.merged_lora["unet_extra"].items()}
+        merged = {k: {n: t.detach().clone() for n, t in sd.items()} for k, sd in self.merged_lora.items()}
         return CODSRCheckpoint(
             rank_vae=self.lora_ranks["vae"],
             rank_unet=self.lora_ranks["unet"],
             vae_lora_modules=list(self.lora_modules["vae"]),
             unet_lora_modules={g: list(self.lora_modules[g]) for g in UNET_GROUPS},
-            vae_lora=lora_state_dict(self.vae),
-            unet_lora=lora_state_dict(self.unet),
+            vae_lora={**merged.get("vae", {}), **lora_state_dict(self.vae)},
+            unet_lora={**merged.get("unet", {}), **lora_state_dict(self.unet)},
             sft={k: v.detach().clone() for k, v in self.sft.state_dict().items()},
             unet_extra=extra,
             metadata=dict(metadata or {}),

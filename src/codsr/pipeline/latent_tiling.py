@@ -11,6 +11,14 @@ tile's prediction (with a tiny random UNet, tiled vs untiled drops to ~27 dB PSN
 here the tiles run as one batch and every GroupNorm of the UNet pools its statistics over the
 tiles' core regions (a partition of the latent), so each tile is normalised like the whole image
 (~56 dB on the same test); self-attention stays tile-local, which is what makes tiling cheap.
+
+The batch holds every tile's activations at once, so its memory grows with the image.
+:func:`sequential_pooled_noise_prediction` computes the same result (to float rounding) with the
+tiles one at a time: it drives the stock UNet unit by unit (resnet, transformer, down/upsampler)
+and, inside a unit, measures each GroupNorm's pooled statistics in a pass over the tiles that stops
+at that GroupNorm, before the pass that applies them. Idle tiles (the current activation and the
+skip connections) wait in a tile store (on the device, in host memory or on disk, as the tiled
+VAE's), so the device holds one tile's working set (docs/benchmarks.md#bounded-unet-tiling).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from codsr.pipeline.vae_tiling import TileStore, make_tile_store
 
 GAUSSIAN_VAR = 0.01
 _RELEASE_MIN_CONTRIBUTION = 1e-6
@@ -175,3 +185,289 @@ def batched_noise_prediction(
         acc[..., ys, xs] += outs[i * b : (i + 1) * b] * weights
         contributors[..., ys, xs] += weights
     return acc / contributors
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet tiles one at a time with the batched variant's pooled GroupNorm statistics
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Ends a measuring pass at the GroupNorm being measured."""
+
+
+_SUPPORTED_BLOCKS = {
+    "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D",
+}  # fmt: skip
+
+
+def _check_unet(unet: nn.Module) -> None:
+    cfg = unet.config
+    unsupported = [
+        k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+        if cfg.get(k) is not None
+    ]  # fmt: skip
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    unsupported += [type(b).__name__ for b in blocks if type(b).__name__ not in _SUPPORTED_BLOCKS]
+    unsupported += ["FreeU"] * any(getattr(b, "s1", None) is not None for b in unet.up_blocks)
+    if cfg.get("center_input_sample") or unsupported:
+        raise NotImplementedError(
+            f"sequential pooled UNet tiling drives SD-style UNets only; this one has {unsupported or 'centering'}. "
+            "Use the batched UNet tiling (TilePlan(sequential_unet=False))"
+        )
+
+
+class _PooledStreamer:
+    """Runs stock UNet units tile by tile with GroupNorm statistics pooled over the tiles' cores.
+
+    ``weights`` (n×1×T×T) are the batched variant's core indicators, area-resized per resolution
+    exactly as :func:`pooled_group_norm` does, so the statistics are the same weighted sums. Per
+    tile, per channel: weight sum n, weighted mean μ and M2 = Σ w·(x − μ)²; merged in float64 with
+    the parallel-variance formula (mean = Σ nᵢμᵢ / N, M2 = Σ M2ᵢ + nᵢ(μᵢ − mean)²).
+    """
+
+    def __init__(self, weights: torch.Tensor, store: TileStore) -> None:
+        self.weights = weights
+        self.n = weights.shape[0]
+        self.store = store
+        self.current = 0
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._count = 0
+
+    def new_key(self) -> str:
+        self._count += 1
+        return f"a{self._count}"
+
+    def weight(self, i: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (i, h, w)
+        if key not in self._cache:
+            wt = (
+                self.weights
+                if self.weights.shape[-2:] == (h, w)
+                else F.interpolate(self.weights, (h, w), mode="area")
+            )
+            self._cache.update({(j, h, w): wt[j : j + 1] for j in range(self.n)})
+        return self._cache[key].to(device=device, dtype=torch.float32).view(1, 1, h, w)
+
+    def _channel_stats(self, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        w = self.weight(self.current, *x.shape[-2:], x.device)
+        n = float(w.sum())
+        xf = x.float()
+        mean = (xf * w).sum(dim=(2, 3)) / n
+        m2 = ((xf - mean[..., None, None]).pow(2) * w).sum(dim=(2, 3))
+        return n, mean.double(), m2.double()
+
+    @staticmethod
+    def _group_stats(
+        acc: list[tuple[float, torch.Tensor, torch.Tensor]], groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = acc[0][1].shape
+        counts = torch.tensor([a[0] for a in acc], dtype=torch.float64, device=acc[0][1].device).view(
+            -1, 1, 1, 1
+        )
+        means = torch.stack([a[1] for a in acc]).view(len(acc), b, groups, c // groups)
+        m2 = torch.stack([a[2] for a in acc]).view(len(acc), b, groups, c // groups)
+        total = counts.sum() * (c // groups)
+        mean = (counts * means).sum(dim=(0, 3)) / total
+        m2_total = (m2 + counts * (means - mean[None, ..., None]).pow(2)).sum(dim=(0, 3))
+        return mean.float(), (m2_total / total).float()
+
+    @staticmethod
+    def _apply(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        # The maths of pooled_group_norm: float32, then back to the input's dtype.
+        b, c, h, w = x.shape
+        g = norm.num_groups
+        xt = x.float().view(b, g, c // g, h, w)
+        y = ((xt - mean.view(b, g, 1, 1, 1)) * torch.rsqrt(var.view(b, g, 1, 1, 1) + norm.eps)).view(
+            b, c, h, w
+        )
+        if norm.affine:
+            y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+    def unit(self, module: nn.Module | None, fn: Callable[[int], torch.Tensor]) -> str:
+        """Run ``fn(i)`` (one stock unit on tile i, reading the store) for every tile with every
+        GroupNorm in ``module`` pooled; store the outputs under a new key and return it."""
+        norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)] if module is not None else []
+        fixed: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        measuring: list[nn.Module] = []
+        acc: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+        def forward(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+            if norm in fixed:
+                return self._apply(norm, x, *fixed[norm])
+            if measuring and measuring[0] is not norm:
+                raise RuntimeError("tiles reached different GroupNorms first: the UNet is not tile-uniform")
+            measuring[:] = [norm]
+            acc.append(self._channel_stats(x))
+            raise _Stop
+
+        for m in norms:
+            m.forward = lambda x, m=m: forward(m, x)  # instance attribute shadows the class method
+        try:
+            while True:  # one measuring pass per GroupNorm, in the order the unit reaches them
+                measuring.clear()
+                acc.clear()
+                key = self.new_key()
+                for i in range(self.n):
+                    self.current = i
+                    try:
+                        y = fn(i)
+                    except _Stop:
+                        continue
+                    if measuring:
+                        raise RuntimeError("a tile finished while another stopped at a GroupNorm")
+                    self.store.put((key, i), y)
+                    del y
+                if not measuring:
+                    return key
+                if len(acc) != self.n:
+                    raise RuntimeError("not every tile reached the GroupNorm being measured")
+                fixed[measuring[0]] = self._group_stats(acc, measuring[0].num_groups)
+        finally:
+            for m in norms:
+                del m.forward
+
+    def drop(self, key: str) -> None:
+        for i in range(self.n):
+            self.store.pop((key, i))
+
+    def get(self, key: str, i: int) -> torch.Tensor:
+        return self.store.get((key, i))
+
+
+def sequential_pooled_noise_prediction(
+    unet: nn.Module,
+    conv_in: Callable[[slice, slice], torch.Tensor],
+    latent_shape: tuple[int, ...],
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    tile: int,
+    overlap: int,
+    *,
+    offload: str | None = None,
+    offload_dir: str | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The result of :func:`batched_noise_prediction` (to float rounding) with one tile at a time.
+
+    ``conv_in(ys, xs)``: the UNet's (LQFM-modulated) ``conv_in`` output for the latent window
+    ``[..., ys, xs]``; the rest of the stock UNet (time embedding, down/mid/up blocks with their
+    resnets, transformers and resamplers, output head) is driven here unit by unit, each unit
+    called per tile. Every GroupNorm is normalised with the statistics pooled over all tiles'
+    cores, measured by a pass that stops at it (a resnet's second GroupNorm costs half a resnet
+    more: ≈1.2-1.4× the batched compute). Self-attention stays tile-local. ``offload``: ``None``
+    keeps idle tiles on the device (the current activation and the skip connections of all tiles:
+    a few full-latent activations, far below the batch), ``"cpu"`` / ``"disk"`` park them in host
+    memory / temporary files so only one tile's working set is on the device.
+    Untiled (h·w ≤ tile²) it runs the same driver on one window.
+    """
+    _check_unet(unet)
+    b, h, w = latent_shape[0], latent_shape[-2], latent_shape[-1]
+    tiled = h * w > tile * tile
+    offsets, cores = core_weights(h, w, tile, overlap) if tiled else ([(0, 0)], torch.ones(1, 1, h, w))
+    th, tw = cores.shape[-2:]
+    windows = [(slice(y, y + th), slice(x, x + tw)) for y, x in offsets]
+    device = torch.device(device)
+    store = make_tile_store(offload, device, offload_dir)
+    s = _PooledStreamer(cores, store)
+    dtype = unet.dtype
+    ehs = encoder_hidden_states.to(dtype)
+    try:
+        t_emb = unet.get_time_embed(
+            sample=torch.empty(b, 1, 1, 1, dtype=dtype, device=device), timestep=timesteps
+        )
+        emb = unet.time_embedding(t_emb, None)
+        if getattr(unet, "time_embed_act", None) is not None:
+            emb = unet.time_embed_act(emb)
+        up_factor = 2**unet.num_upsamplers
+        forward_upsample_size = th % up_factor != 0 or tw % up_factor != 0
+
+        def resnet(block: nn.Module, key: str, skip: str | None = None) -> str:
+            def fn(i: int) -> torch.Tensor:
+                x = s.get(key, i)
+                if skip is not None:
+                    x = torch.cat([x, s.get(skip, i)], dim=1)
+                return block(x, emb)
+
+            return s.unit(block, fn)
+
+        def attn(block: nn.Module, key: str) -> str:
+            return s.unit(
+                block, lambda i: block(s.get(key, i), encoder_hidden_states=ehs, return_dict=False)[0]
+            )
+
+        def plain(
+            fn: Callable[[torch.Tensor], torch.Tensor], key: str, module: nn.Module | None = None
+        ) -> str:
+            return s.unit(module, lambda i: fn(s.get(key, i)))
+
+        cur = s.unit(None, lambda i: conv_in(*windows[i]))
+        skips: list[str] = [cur]
+        keep: set[str] = {cur}
+        for blk in unet.down_blocks:
+            attns = getattr(blk, "attentions", None) or [None] * len(blk.resnets)
+            for r, a in zip(blk.resnets, attns, strict=True):
+                nxt = resnet(r, cur)
+                if cur not in keep:
+                    s.drop(cur)
+                cur = nxt
+                if a is not None:
+                    nxt = attn(a, cur)
+                    s.drop(cur)
+                    cur = nxt
+                skips.append(cur)
+                keep.add(cur)
+            for d in blk.downsamplers or []:
+                cur = plain(d, cur)
+                skips.append(cur)
+                keep.add(cur)
+        mid = unet.mid_block
+        nxt = resnet(mid.resnets[0], cur)
+        cur = nxt
+        for a, r in zip(mid.attentions, mid.resnets[1:], strict=True):
+            nxt = attn(a, cur)
+            s.drop(cur)
+            nxt2 = resnet(r, nxt)
+            s.drop(nxt)
+            cur = nxt2
+        for bi, blk in enumerate(unet.up_blocks):
+            upsample_size = None
+            attns = getattr(blk, "attentions", None) or [None] * len(blk.resnets)
+            for r, a in zip(blk.resnets, attns, strict=True):
+                skip = skips.pop()
+                nxt = resnet(r, cur, skip)
+                if cur not in keep:
+                    s.drop(cur)
+                s.drop(skip)
+                keep.discard(skip)
+                cur = nxt
+                if a is not None:
+                    nxt = attn(a, cur)
+                    s.drop(cur)
+                    cur = nxt
+            if blk.upsamplers:
+                if bi < len(unet.up_blocks) - 1 and forward_upsample_size:
+                    upsample_size = s.get(skips[-1], 0).shape[2:]
+                for u in blk.upsamplers:
+                    nxt = plain(lambda x, u=u, size=upsample_size: u(x, size), cur)
+                    s.drop(cur)
+                    cur = nxt
+        if unet.conv_norm_out is not None:
+            head = nn.ModuleList([unet.conv_norm_out])
+            nxt = plain(lambda x: unet.conv_out(unet.conv_act(unet.conv_norm_out(x))), cur, head)
+        else:
+            nxt = plain(unet.conv_out, cur)
+        s.drop(cur)
+        cur = nxt
+        if not tiled:
+            return s.store.pop((cur, 0)).float()
+        weights = gaussian_tile_weights(th).to(device)
+        acc = torch.zeros(latent_shape, dtype=torch.float32, device=device)
+        contributors = torch.zeros(latent_shape, dtype=torch.float32, device=device)
+        for i, (ys, xs) in enumerate(windows):
+            acc[..., ys, xs] += s.store.pop((cur, i)).float() * weights
+            contributors[..., ys, xs] += weights
+        return acc / contributors
+    finally:
+        store.close()

@@ -22,11 +22,15 @@ from codsr.model.checkpoint import DEFAULT_TIMESTEP, CODSRCheckpoint
 from codsr.model.codsr import CODSRModel
 from codsr.model.pretrained import plan_load, push_pipeline_folder, save_pipeline_folder
 from codsr.pipeline.color_fix import color_fix as apply_color_fix
+from codsr.pipeline.control_map import check_noise_scale, control_map_to_latent
 from codsr.pipeline.image_processing import release_input_size, resize_image, to_tensor01
 from codsr.pipeline.tiled_stages import tiled_stages
 from codsr.pipeline.tiling import TilePlan, plan
 
 MAX_TIMESTEP = 999
+# The preview decoder's weights: TAESD for SD 1.x/2.x latents (AutoencoderTiny, diffusers).
+DEFAULT_TINY_DECODER = "madebyollin/taesd"
+DECODERS = ("vae", "tiny")
 
 Tagger = Callable[[torch.Tensor], Sequence[str]]
 
@@ -62,6 +66,7 @@ class CODSRPipeline:
         self.tagger = tagger
         self.default_timestep = int(default_timestep)
         self.pretrained = None  # the LoadPlan from from_pretrained: what save_pretrained writes
+        self.tiny_decoder: torch.nn.Module | None = None  # AutoencoderTiny for decoder="tiny"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -75,7 +80,7 @@ class CODSRPipeline:
         base_model_revision: str | None = None,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype = torch.float32,
-        tagger: str | Tagger | None = None,
+        tagger: str | Tagger | None = "auto",
         ram_path: str | os.PathLike | None = None,
         dape_path: str | os.PathLike | None = None,
         alignment_scale: float = 1.0,
@@ -96,8 +101,15 @@ class CODSRPipeline:
             alignment_scale: λ_sem, the weight of the stage-2 (semantic) alignment LoRA; 1.0 is the method.
             merge_lora: merge the UNet LoRA into the weights (faster; unmerged keeps peft adapters).
             merge_vae_lora: also merge the VAE-encoder LoRA (same maths; moves z_L by ~1e-4 vs the release).
-            tagger: ``"dape"``, ``"ram"``, ``"config"`` (the folder's tagger), ``None`` (tags come
-                from the caller) or a callable mapping a B×3×H×W [0,1] tensor to tag strings.
+            tagger: ``"auto"`` (default: the tagger the model expects, i.e. the folder's
+                ``codsr_config.json`` tagger, else DAPE as the release; when its weights are not
+                found it runs prompt-free with ONE :class:`MethodDivergenceWarning` naming the
+                missing file: see :func:`resolve_tagger`), ``"dape"``, ``"ram"``, ``"config"`` (the
+                folder's tagger; errors when its weights are missing), ``None`` (prompt-free, or tags
+                from the caller; silent) or a callable mapping a B×3×H×W [0,1] tensor to tag strings.
+            ram_path / dape_path: the tagger's weights; else ``$CODSR_RAM`` / ``$CODSR_DAPE``, else
+                the cache dir (``$CODSR_HOME``, ``~/.cache/codsr``), else (RAM) the Hub copy
+                (docs/inference.md#prompts, :mod:`codsr.weights`).
         """
         plan = plan_load(
             pretrained_model_name_or_path, checkpoint, base_model=base_model, revision=revision,
@@ -122,10 +134,44 @@ class CODSRPipeline:
         pipe = cls(gen, comps.text_encoder, comps.tokenizer, default_timestep=plan.default_timestep)
         pipe.pretrained = plan  # what save_pretrained / push_to_hub write
         pipe.to(device, torch_dtype)
-        tagger = plan.tagger_name(tagger)
-        if tagger is not None:
-            pipe.tagger = _build_tagger(tagger, *plan.tagger_paths(ram_path, dape_path), device, torch_dtype)
+        choice, ram_ref, dape_ref = resolve_tagger(plan, tagger, ram_path, dape_path)
+        if choice is not None:
+            try:
+                pipe.tagger = _build_tagger(choice, ram_ref, dape_ref, device, torch_dtype)
+            except FileNotFoundError as e:  # an hf:// reference of the model folder that cannot be fetched
+                if tagger != "auto" or ram_path is not None or dape_path is not None:
+                    raise
+                _warn_prompt_free(str(choice), str(e), stacklevel=3)
         return pipe
+
+    def load_tiny_decoder(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike = DEFAULT_TINY_DECODER,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> torch.nn.Module:
+        """Load an ``AutoencoderTiny`` (TAESD; default ``madebyollin/taesd``, folder or Hub id) as the
+        preview decoder for ``decoder="tiny"``, on the pipeline's device and dtype; returns it.
+
+        It decodes the same ẑ_H about 10× cheaper than the VAE decoder but is lossy (a distilled
+        approximation of it): for previews, not final results (docs/benchmarks.md#tiny-preview-decoder).
+        """
+        from diffusers import AutoencoderTiny
+
+        kw = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                    token=token).items() if v is not None}  # fmt: skip
+        try:
+            tiny = AutoencoderTiny.from_pretrained(pretrained_model_name_or_path, **kw)
+        except (OSError, ValueError) as e:
+            raise OSError(
+                f"cannot load the tiny decoder {str(pretrained_model_name_or_path)!r} (an AutoencoderTiny folder "
+                f"or Hub id, e.g. {DEFAULT_TINY_DECODER!r}): {e}"
+            ) from e
+        self.tiny_decoder = tiny.to(self.device, self.dtype).eval().requires_grad_(False)
+        return self.tiny_decoder
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the CODSR folder (``codsr_config.json`` + ``codsr.safetensors``) this pipeline was loaded from."""
@@ -154,6 +200,8 @@ class CODSRPipeline:
             m.requires_grad_(False)
         if self.tagger is not None and hasattr(self.tagger, "to"):
             self.tagger.to(device)
+        if self.tiny_decoder is not None:
+            self.tiny_decoder.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -215,6 +263,10 @@ class CODSRPipeline:
         max_memory: float | str | None = None,
         release_compat: bool = False,
         prompt_embeds: torch.Tensor | None = None,
+        control_map: Any = None,
+        noise_scale: float = 1.0,
+        fidelity_timestep: int | None = None,
+        decoder: str = "vae",
     ) -> torch.Tensor:
         """Restore LQ images already at the output size: B×3×H×W in [-1, 1] → same shape in [-1, 1].
 
@@ -231,26 +283,54 @@ class CODSRPipeline:
         statistics pooled across tiles and exact blending; ``release_compat=True`` runs them one
         by one as the release does (per-tile statistics, asymmetric Gaussian, 1e-6 clamp) and
         uses the release's approximate tiled VAE (its own trigger: max side > tile + 2·pad).
+
+        Region control (docs/region-control.md): ``control_map`` (H×W in [0, 1], 0 = most faithful,
+        1 = the method; array, tensor, PIL image, grayscale file or one per image; at the input's
+        size, the latent grid, or an integer multiple / divisor of either) scales the RGPA noise per
+        latent cell after area averaging; ``noise_scale`` (default 1.0) scales it everywhere;
+        ``fidelity_timestep`` (off by default; one more UNet pass) also blends each cell toward the
+        one-step result at that lower timestep by the map. Bad maps raise before any model work.
+
+        ``decoder="tiny"`` decodes ẑ_H with the preview decoder (``AutoencoderTiny``; loaded from
+        ``madebyollin/taesd`` on first use unless :meth:`load_tiny_decoder` was called): ~10×
+        cheaper, lossy. A float16 VAE decode that overflows is redone with the decoder in float32.
         """
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be 'vae' or 'tiny' (the lossy AutoencoderTiny preview), got {decoder!r}")
         x = _validate_lq(lq)
         b, _, height, width = x.shape
+        t = int(self.default_timestep if timestep is None else timestep)
+        noise_scale = _check_region_args(t, noise_scale, fidelity_timestep)
+        if control_map is not None:
+            f = self.latent_factor
+            control_map = control_map_to_latent(
+                control_map, (height // f, width // f), {"input": (height, width)}, batch=b, device=self.device
+            )
         tile_plan = plan(
             height, width, device=self.device, dtype=self.dtype, max_memory=max_memory, tile_plan=tile_plan,
             batch=b, release_compat=release_compat,
         )  # fmt: skip
         x = x.to(self.device, self.dtype)
-        t = int(self.default_timestep if timestep is None else timestep)
-        if not 0 <= t <= MAX_TIMESTEP:
-            raise ValueError(f"timestep must be in [0, {MAX_TIMESTEP}], got {t}")
         if prompt_embeds is None:
             prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
             if len(prompts) != b:
                 raise ValueError(f"got {len(prompts)} prompts for a batch of {b} images")
             prompt_embeds = self.encode_prompt(prompts)
         prompt_embeds = prompt_embeds.to(self.device, self.dtype)
-        stages = tiled_stages(self.generator, tile_plan, release_compat=release_compat)
-        out = self.generator(x, prompt_embeds, t, generator=generator, stages=stages, decode=True)
+        if decoder == "tiny" and self.tiny_decoder is None:
+            self.load_tiny_decoder()
+        tiny = self.tiny_decoder if decoder == "tiny" else None
+        stages = tiled_stages(self.generator, tile_plan, release_compat=release_compat, tiny_decoder=tiny)
+        out = self.generator(
+            x, prompt_embeds, t, generator=generator, stages=stages, decode=True, control_map=control_map,
+            noise_scale=noise_scale, fidelity_timestep=fidelity_timestep,
+        )  # fmt: skip
         return out.x_h.float()
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent cell along each axis (8 for SD 2.1's VAE)."""
+        return 2 ** (len(self.generator.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
@@ -267,6 +347,10 @@ class CODSRPipeline:
         tile_plan: TilePlan | None = None,
         max_memory: float | str | None = None,
         release_compat: bool = False,
+        control_map: Any = None,
+        noise_scale: float = 1.0,
+        fidelity_timestep: int | None = None,
+        decoder: str = "vae",
     ) -> Any:
         """Super-resolve ``image`` by ``upscale``.
 
@@ -275,11 +359,46 @@ class CODSRPipeline:
         ``output_type`` "pil", "np" (float32 [0,1], H×W×3 or B×H×W×3) or "pt" (B×3×H×W [0,1]).
         The output is exactly ``round(upscale·W) × round(upscale·H)``: the release's resize rules
         are applied for processing, then small inputs are resized back (the release forgets to).
-        ``tile_plan``, ``max_memory`` and ``release_compat`` as in :meth:`restore`;
+        ``tile_plan``, ``max_memory``, ``release_compat`` and ``decoder`` as in :meth:`restore`;
         :meth:`plan_tiles` tells which plan a call will use.
+        ``control_map``, ``noise_scale``, ``fidelity_timestep``: region control as in :meth:`restore`;
+        here the map may be at the input size, the output size (or an integer multiple / divisor
+        of either), and is checked before tagging or any model work (docs/region-control.md).
+
+        A list of images of different sizes is processed image by image (one ``generator`` drawn
+        from in list order; per-image ``prompt``/``tags``/``control_map`` lists are split) and a
+        list is returned (``"pt"``: a list of 1×3×H×W tensors).
+
+        Output rounding (docs/inference.md#output-rounding): by default the float output is
+        colour-corrected in float and rounded once (PIL) or not at all ("np"/"pt");
+        ``release_compat=True`` also reproduces the release's 8-bit steps (uint8 resizes of an 8-bit
+        LQ, ``x·0.5+0.5`` truncated to uint8 before and after the colour fix: see
+        :func:`release_postprocess`), so saved PNGs equal the release's byte for byte.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if isinstance(image, (list, tuple)) and len(image) > 1:
+            sizes = [tuple(to_tensor01(im).shape[-2:]) for im in image]
+            if len(set(sizes)) > 1:
+                n = len(image)
+
+                def part(v: Any, i: int, what: str) -> Any:
+                    if not isinstance(v, (list, tuple)):
+                        return v
+                    if len(v) != n:
+                        raise ValueError(f"got {len(v)} {what} for {n} images")
+                    return v[i]
+
+                return [
+                    self(
+                        im, upscale, prompt=part(prompt, i, "prompts"), timestep=timestep, color_fix=color_fix,
+                        generator=generator, output_type=output_type, tags=part(tags, i, "tag strings"),
+                        tile_plan=tile_plan, max_memory=max_memory, release_compat=release_compat,
+                        control_map=part(control_map, i, "control maps"), noise_scale=noise_scale,
+                        fidelity_timestep=fidelity_timestep, decoder=decoder,
+                    )
+                    for i, im in enumerate(image)
+                ]  # fmt: skip
         if not (0 < float(upscale) <= 16):
             raise ValueError(f"upscale must be in (0, 16], got {upscale}")
         single = isinstance(image, Image.Image) or (
@@ -289,17 +408,33 @@ class CODSRPipeline:
         b, _, h0, w0 = x01.shape
         target = (max(1, round(w0 * upscale)), max(1, round(h0 * upscale)))
         lq01 = x01
+        eight_bit = release_compat and _is_8bit(x01)
         for size, resample in release_input_size(w0, h0, upscale):
-            lq01 = resize_image(lq01, size, resample)
+            lq01 = _resize_uint8(lq01, size, resample) if eight_bit else resize_image(lq01, size, resample)
         if min(lq01.shape[-2:]) < 8:
             raise ValueError(f"image of {w0}×{h0} px is too small to process at ×{upscale}")
+        _check_region_args(
+            int(self.default_timestep if timestep is None else timestep), noise_scale, fidelity_timestep
+        )
+        if control_map is not None:
+            height, width = lq01.shape[-2:]
+            f = self.latent_factor
+            control_map = control_map_to_latent(
+                control_map, (height // f, width // f),
+                {"input": (h0, w0), "output": (target[1], target[0]), "processing": (height, width)},
+                batch=b, device=self.device,
+            )  # fmt: skip
 
         prompts = self._prompts(lq01, prompt, tags, b)
         out = self.restore(
             lq01 * 2 - 1, prompt=prompts, timestep=timestep, generator=generator, tile_plan=tile_plan,
-            max_memory=max_memory, release_compat=release_compat,
+            max_memory=max_memory, release_compat=release_compat, control_map=control_map,
+            noise_scale=noise_scale, fidelity_timestep=fidelity_timestep, decoder=decoder,
         )  # fmt: skip
-        out01 = apply_color_fix((out.cpu() + 1) / 2, lq01, color_fix)
+        if release_compat:
+            out01 = release_postprocess(out.cpu(), lq01, color_fix)
+        else:
+            out01 = apply_color_fix((out.cpu() + 1) / 2, lq01, color_fix)
         if tuple(out01.shape[-1:-3:-1]) != target:
             out01 = resize_image(out01, target, Image.LANCZOS)
         return _to_output(out01, output_type, single)
@@ -320,10 +455,58 @@ class CODSRPipeline:
         return [assemble_prompt(t or "", p) for t, p in zip(tag_list, per_image(prompt, "prompts"), strict=True)]
 
 
+def _quantise(x01: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ToPILImage`` on a float tensor (``x.mul(255).byte()``: truncation), back to [0, 1]."""
+    return x01.mul(255).to(torch.uint8).float().div(255)
+
+
+def release_postprocess(out_m11: torch.Tensor, lq01: torch.Tensor, color_fix: str | None) -> torch.Tensor:
+    """The release's output conversion of B×3×H×W model outputs in [-1, 1] → [0, 1] on the 8-bit grid.
+
+    The release's ``test_codsr.py``: ``ToPILImage()(out·0.5 + 0.5)`` (``mul(255).byte()``, i.e.
+    truncation), then the colour fix on ``ToTensor`` of that 8-bit image and of the 8-bit LQ,
+    ``clamp(0, 1)``, and ``ToPILImage`` again (truncation). ``lq01``: the LQ the model saw.
+    """
+    first = _quantise(out_m11.float().clamp(-1, 1) * 0.5 + 0.5)
+    if color_fix in (None, "none"):
+        return first
+    return _quantise(apply_color_fix(first, lq01, color_fix))
+
+
+def _is_8bit(x01: torch.Tensor) -> bool:
+    return bool(torch.equal((x01 * 255).round() / 255, x01))
+
+
+def _resize_uint8(x01: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """PIL resize of an 8-bit RGB image (as the release resizes its PIL input), back to [0, 1]."""
+    if tuple(x01.shape[-1:-3:-1]) == tuple(size):
+        return x01
+    out = []
+    for im in x01:
+        arr = np.ascontiguousarray((im * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        res = np.asarray(Image.fromarray(arr, "RGB").resize(size, resample))
+        out.append(torch.from_numpy(res.copy()).permute(2, 0, 1).float().div(255))
+    return torch.stack(out)
+
+
 def processing_size(width: int, height: int, upscale: float) -> tuple[int, int]:
     """(W, H) that ``__call__`` restores at for an input of ``width × height`` (the release's resize chain)."""
     steps = release_input_size(width, height, upscale)
     return steps[-1][0] if steps else (width, height)
+
+
+def _check_region_args(timestep: int, noise_scale: float, fidelity_timestep: int | None) -> float:
+    """Check the timestep and the region-control scalars (before any model work); returns noise_scale."""
+    if not 0 <= timestep <= MAX_TIMESTEP:
+        raise ValueError(f"timestep must be in [0, {MAX_TIMESTEP}], got {timestep}")
+    if fidelity_timestep is not None and not (
+        isinstance(fidelity_timestep, (int, np.integer)) and 0 <= fidelity_timestep < timestep
+    ):
+        raise ValueError(
+            f"fidelity_timestep must be an integer in [0, timestep={timestep}), got {fidelity_timestep!r}; "
+            "it is the lower timestep the map blends toward (docs/region-control.md)"
+        )
+    return check_noise_scale(noise_scale)
 
 
 def _validate_lq(lq: torch.Tensor) -> torch.Tensor:
@@ -356,6 +539,77 @@ def _to_output(x01: torch.Tensor, output_type: str, single: bool) -> Any:
     return images[0] if single else images
 
 
+class MethodDivergenceWarning(UserWarning):
+    """The run goes on, but its output is not the method's (e.g. prompt-free because DAPE is missing)."""
+
+
+TAGGER_CHOICES = ("auto", "dape", "ram", "config")
+
+
+def resolve_tagger(
+    plan: Any,
+    tagger: str | Tagger | None,
+    ram_path: str | os.PathLike | None = None,
+    dape_path: str | os.PathLike | None = None,
+) -> tuple[str | Tagger | None, Any, Any]:
+    """(tagger, ram, dape) to build for ``from_pretrained(..., tagger=...)`` (docs/inference.md#prompts).
+
+    ``"auto"``: the tagger the model expects (``plan.config``'s, else DAPE as the release), its
+    weights looked for by :func:`codsr.weights.find_weight` (argument → ``$CODSR_DAPE`` /
+    ``$CODSR_RAM`` → cache dir; RAM then from its Hub copy). When a weight that was not named by the
+    caller cannot be had, the run is prompt-free and ONE :class:`MethodDivergenceWarning` names the
+    missing file, where it was looked for and how to get it. ``"dape"``/``"ram"``/``"config"`` raise
+    :class:`codsr.weights.WeightNotFoundError` instead; ``None`` and callables pass through silently.
+    """
+    if tagger is None or callable(tagger):
+        return tagger, ram_path, dape_path
+    if tagger not in TAGGER_CHOICES:
+        raise ValueError(f"tagger must be one of {', '.join(TAGGER_CHOICES)}, None or a callable, got {tagger!r}")
+    from codsr.weights import WeightNotFoundError
+
+    auto = tagger == "auto"
+    name = plan.tagger_name("config") if tagger in ("auto", "config") else tagger
+    if auto and getattr(plan, "config", None) is None:
+        name = "dape"  # the release's tagger
+    if name is None:  # the model was trained prompt-free
+        return None, None, None
+    ram_ref, dape_ref = plan.tagger_paths(ram_path, dape_path)
+    try:
+        dape = _weight_ref("dape", dape_ref) if name == "dape" else None
+        ram = _weight_ref("ram", ram_ref)
+    except WeightNotFoundError as e:
+        named = (dape_path is not None and name == "dape") or ram_path is not None
+        if not auto or named:
+            raise
+        _warn_prompt_free(name, str(e))
+        return None, None, None
+    return name, ram, dape
+
+
+def _warn_prompt_free(name: str, detail: str, stacklevel: int = 4) -> None:
+    warnings.warn(
+        f"tagger='auto' (--tagger auto): this run is PROMPT-FREE (empty tags), so its output differs from "
+        f"the method's, which prompts with {name.upper()} tags. {detail} Use tagger=None (--tagger none) to run "
+        "prompt-free without this warning.",
+        MethodDivergenceWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _weight_ref(key: str, ref: Any) -> Any:
+    """A local path for weight ``key`` (``ref``, env, cache dir; RAM: then its Hub copy), or an hf:// ref as is."""
+    from codsr.weights import WeightNotFoundError, find_weight, not_found_message, resolve_weight
+
+    if ref is not None and os.fspath(ref).startswith("hf://"):
+        return ref
+    status = find_weight(key, ref)
+    if status.found:
+        return status.path
+    if ref is not None:
+        raise WeightNotFoundError(not_found_message(status))
+    return resolve_weight(key, download=True)
+
+
 def _build_tagger(
     tagger: str | Tagger,
     ram_path: str | os.PathLike | None,
@@ -370,10 +624,9 @@ def _build_tagger(
     from codsr.tagging import DEFAULT_RAM, RAMTagger
 
     if tagger == "dape" and dape_path is None:
-        raise ValueError(
-            "tagger='dape' needs dape_path= (DAPE.pth from SeeSR/OSEDiff, e.g. "
-            "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth); tagger='ram' runs plain RAM"
-        )
+        from codsr.weights import find_weight, not_found_message
+
+        raise ValueError("tagger='dape' needs dape_path=: " + not_found_message(find_weight("dape")))
     return RAMTagger.from_pretrained(
         ram_path if ram_path is not None else DEFAULT_RAM,
         dape_path if tagger == "dape" else None,

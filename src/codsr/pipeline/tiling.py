@@ -6,7 +6,8 @@
 :func:`plan` is the one planner entry that the library and the CLI both call: without a budget it
 returns the automatic plan (:meth:`TilePlan.automatic`); with ``max_memory`` (GB or ``"auto"``)
 it asks :func:`plan_tiles` for the largest tiles whose *predicted* peak stays under the budget,
-falling back to UNet tiles one at a time when the batched UNet cannot fit. The prediction is
+falling back to UNet tiles one at a time (same result, bounded memory) when the batched UNet
+cannot fit. The prediction is
 :class:`MemoryModel`: resident memory (what is allocated when the call starts: the weights) plus
 the largest stage peak, each an affine function of the number of activation elements it holds at
 once, with coefficients measured on the full-size SD 2.1-base architecture (docs/memory.md).
@@ -81,11 +82,13 @@ class TilePlan:
       release's rule); tiles are blended with Gaussian weights (docs/inference.md).
     * ``vae_encoder_tile`` / ``vae_decoder_tile``: VAE tile side in **output image px**; a stage
       tiles only when the image's longer side exceeds its tile; ``None`` = never tiled.
-    * ``offload``: where idle VAE tiles wait (``None`` = on the device, ``"cpu"`` = host memory,
-      ``"disk"`` = temporary files); only the exact tiled VAE can offload.
-    * ``sequential_unet``: run the UNet tiles one by one (per-tile GroupNorm statistics, bounded
-      memory) instead of one batch with GroupNorm statistics pooled over the tiles (the default;
-      its memory grows with the image). ``release_compat=True`` always runs them one by one.
+    * ``offload``: where idle VAE tiles, and with ``sequential_unet`` idle UNet tiles, wait
+      (``None`` = on the device, ``"cpu"`` = host memory, ``"disk"`` = temporary files); only the
+      exact tiled VAE and the sequential UNet tiles can offload.
+    * ``sequential_unet``: run the UNet tiles one by one with the same pooled GroupNorm statistics
+      as the batch (``latent_tiling.sequential_pooled_noise_prediction``: equal to float rounding,
+      ≈1.3× the compute, memory of one tile) instead of one batch (the default; its memory grows
+      with the image). ``release_compat=True`` runs them one by one with per-tile statistics.
     * ``predicted_peak`` / ``budget``: informational, in **bytes**; 0 = not planned under a budget.
 
     ``TilePlan()`` holds the defaults, which behave as the automatic plan for any image (the
@@ -221,6 +224,10 @@ class MemoryModel:
     # of the first call; measured inside restore at 1024² and 2048²).
     unet_per_latent_px: float = 12000.0
     unet_const: int = 400 * 1024**2
+    # UNet tiles one by one with idle tiles kept on the device (no offload): the stored current
+    # activation and skip connections of all tiles, per latent px of all windows. Estimated from
+    # the SD 2.1 layer widths (skips ≈ 1620 elements per latent px, plus current/next), not measured.
+    unet_stored_per_window_px: float = 2600.0
     # Full-image tensors alive across the call (input, float copies, output, colour fix), bytes
     # per image pixel whatever the model's dtype (they are float32).
     image_per_px: float = 80.0
@@ -254,6 +261,13 @@ class MemoryModel:
     def unet(self, latent_px_at_once: int, bytes_per_el: int) -> float:
         return self.unet_per_latent_px * latent_px_at_once * bytes_per_el + self.unet_const
 
+    def unet_stored(self, h: int, w: int, tile: int, overlap: int, bytes_per_el: int) -> float:
+        """Idle-tile storage of the sequential UNet tiles kept on the device (latent ``h × w``)."""
+        if h * w <= tile * tile:
+            return 0.0
+        t, offsets = tile_grid(h, w, tile, min(overlap, max(0, min(tile, h, w) - 1)))
+        return self.unet_stored_per_window_px * t * t * len(offsets) * bytes_per_el
+
     def persistent(self, height: int, width: int, bytes_per_el: int) -> float:
         return self.image_per_px * height * width + self.latent_per_px * height * width / 64 * bytes_per_el
 
@@ -265,6 +279,8 @@ class MemoryModel:
         at_once = _unet_latent_px(height // 8, width // 8, plan.latent_tile, plan.latent_overlap,
                                   batched=not plan.sequential_unet)  # fmt: skip
         unet = self.unet(at_once, bytes_per_el)
+        if plan.sequential_unet and plan.offload is None:
+            unet += self.unet_stored(height // 8, width // 8, plan.latent_tile, plan.latent_overlap, bytes_per_el)
         return self.safety * batch * (self.persistent(height, width, bytes_per_el) + max(enc, dec, unet))
 
 
@@ -368,9 +384,16 @@ def plan_tiles(
     def unet_px(t: int) -> int:
         return _unet_latent_px(height // 8, width // 8, t, _latent_overlap(t), batched)
 
+    def unet_cost(t: int, offload: bool) -> float:
+        stored = 0.0 if batched or offload else model.unet_stored(height // 8, width // 8, t, _latent_overlap(t), b)
+        return model.unet(unet_px(t), b) + stored
+
     enc = vae_choice(lambda t, o: model.encode(height, width, b, t, o))
     dec = vae_choice(lambda t, o: model.decode(height, width, b, t, o))
-    latent = next((t for t in _LATENT_TILES if fits(model.unet(unet_px(t), b))), None)
+    # Sequential UNet tiles: idle tiles on the device first, else offloaded like the VAE's.
+    unet_modes = (False,) if batched or not allow_offload else (False, True)
+    choice = next(((t, o) for o in unet_modes for t in _LATENT_TILES if fits(unet_cost(t, o))), None)
+    latent = None if choice is None else choice[0]
     if enc is None or dec is None or latent is None:
         # The cheapest configuration: smallest VAE tiles, and the UNet tile with the fewest latent
         # pixels at once (with batched tiles that is not the smallest tile: overlaps add up).
@@ -391,7 +414,7 @@ def plan_tiles(
     # Offload applies to both VAE halves; a half that fitted without it keeps its (larger) tile.
     out = TilePlan(
         latent_tile=latent, latent_overlap=_latent_overlap(latent), vae_encoder_tile=enc[0],
-        vae_decoder_tile=dec[0], offload=offload_target if (enc[1] or dec[1]) else None,
+        vae_decoder_tile=dec[0], offload=offload_target if (enc[1] or dec[1] or choice[1]) else None,
         sequential_unet=sequential_unet,
     )  # fmt: skip
     peak = resident + model.peak(out, height, width, b, batch)
@@ -416,8 +439,9 @@ def plan(
     * ``tile_plan`` given: used as is. With ``max_memory`` too, its ``predicted_peak``/``budget``
       are filled in and a warning says when the prediction exceeds the budget.
     * else ``max_memory`` given (GB or ``"auto"``): :func:`plan_tiles` with the UNet tiles in one
-      batch; if that cannot fit, the UNet tiles one by one (bounded memory, per-tile GroupNorm
-      statistics; a warning says so). :class:`MemoryBudgetError` when nothing fits.
+      batch; if that cannot fit, the UNet tiles one by one (bounded memory, the same pooled
+      GroupNorm statistics, ≈1.3× the UNet compute; a warning says so). :class:`MemoryBudgetError` when
+      nothing fits.
     * else: :meth:`TilePlan.automatic`.
 
     ``release_compat``: the UNet tiles run one by one (``sequential_unet=True`` in the returned
@@ -452,11 +476,11 @@ def plan(
         if release_compat:
             raise
         # The batched UNet (pooled GroupNorm) grows with the image: fall back to one tile at a
-        # time, which is bounded, at the price of per-tile GroupNorm statistics.
+        # time with the same pooled statistics (same result, bounded memory, ≈1.3× UNet compute).
         out = plan_tiles(height, width, budget, sequential_unet=True, **kw)
         warnings.warn(
-            f"max_memory={max_memory}: the UNet tiles run one by one to fit the budget, each with its own "
-            "GroupNorm statistics (small tile-to-tile shifts are possible; docs/memory.md)",
+            f"max_memory={max_memory}: the UNet tiles run one by one to fit the budget (the same pooled "
+            "GroupNorm statistics as the batch, so the same result; about 1.3× the UNet time; docs/memory.md)",
             stacklevel=2,
         )
     if release_compat:
@@ -487,8 +511,9 @@ def is_out_of_memory(err: BaseException) -> bool:
 def shrink_plan(plan: TilePlan, device: torch.device | str) -> TilePlan | None:
     """A cheaper plan after an out-of-memory error; None when already minimal.
 
-    Half-size tiles (never below the planner's smallest candidates), VAE tiles offloaded, and the
-    UNet tiles one by one (the only UNet setting whose memory does not grow with the image).
+    Half-size tiles (never below the planner's smallest candidates), VAE and UNet tiles offloaded,
+    and the UNet tiles one by one (the only UNet setting whose memory does not grow with the image;
+    same pooled statistics as the batch).
     """
     device = torch.device(device)
     offload = plan.offload or _OFFLOAD_FOR_DEVICE.get(device.type, "disk")

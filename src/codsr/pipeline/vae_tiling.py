@@ -256,6 +256,11 @@ def make_tile_store(offload: str | None, device: torch.device, directory: str | 
     raise ValueError(f"VAE tile offload must be None, 'cpu' or 'disk', got {offload!r}")
 
 
+def _float64_device(device: torch.device) -> torch.device:
+    """Where float64 statistics can live: ``device`` itself, or the CPU for MPS (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 @dataclass
 class _ChannelStats:
     """Per-(sample, channel) statistics of one tile's core: element count, mean, sum of squared deviations."""
@@ -304,11 +309,15 @@ class _StreamingRunner(_TiledRunner):
         n = core[0, 0].numel()
         step = max(1, _NORM_CHUNK_ELEMENTS // max(1, n * b))
         means, m2s = [], []
+        # Per-tile sums in float32 on the tile's device; the B×C results are merged in float64,
+        # on the CPU where the device has no float64 (MPS): the same numbers as on the CPU.
+        self._stats_device = core.device
+        merge_device = _float64_device(core.device)
         for c0 in range(0, c, step):
             cf = core[:, c0 : c0 + step].float()
             mu = cf.mean(dim=(2, 3))
-            means.append(mu.double())
-            m2s.append((cf - mu[..., None, None]).pow(2).sum(dim=(2, 3)).double())
+            means.append(mu.to(merge_device, torch.float64))
+            m2s.append((cf - mu[..., None, None]).pow(2).sum(dim=(2, 3)).to(merge_device, torch.float64))
         return _ChannelStats(n, torch.cat(means, 1), torch.cat(m2s, 1))
 
     def _group_stats(self, xs: list, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +331,8 @@ class _StreamingRunner(_TiledRunner):
         total = counts.sum() * (c // g)
         mean = (n * means).sum(dim=(0, 3)) / total
         m2_total = (m2 + n * (means - mean[None, ..., None]).pow(2)).sum(dim=(0, 3))
-        return mean.float(), (m2_total / total).float()
+        device = getattr(self, "_stats_device", mean.device)
+        return mean.float().to(device), (m2_total / total).float().to(device)
 
     def _tile_done(self) -> None:
         # On the CPU, glibc keeps freed tile-sized blocks in its heap and the heap fragments across

@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from codsr.model.checkpoint import DEFAULT_BASE_MODEL
+from codsr.precision import PRECISIONS
 
 __all__ = [
     "CONFIG_DIR",
@@ -155,6 +156,11 @@ class DataConfig(_Section):
     degrade_in: Literal["worker", "batch"] = "worker"
     # codsr.data.DegradationConfig overrides; keys and values are checked against it on load.
     degradation: dict[str, Any] = Field(default_factory=dict)
+    # How the LQ is resized back to the crop for the generator (docs/training.md#lq-resize):
+    # "release" = the authors' loader (PIL on the 8-bit LQ, filter drawn from
+    # degradation.resize_back_modes); "inference" = PIL bicubic in float, exactly as inference
+    # upsamples every input; "torch" = F.interpolate with a drawn mode (earlier behaviour).
+    lq_resize: Literal["release", "inference", "torch"] = "release"
     small_images: Literal["pad", "skip"] = "pad"
     num_workers: NonNegInt = 8
 
@@ -320,7 +326,7 @@ class VSDConfig(_Section):
     max_grad_norm: PosFloat = 1.0
     # dtype of the frozen SD UNet shared by both scores: "auto" = the mixed-precision dtype on a
     # GPU, float32 on the CPU. The fake-score LoRA stays float32.
-    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    base_dtype: Literal[("auto", *PRECISIONS)] = "auto"  # type: ignore[valid-type]
 
 
 class MasksConfig(_Section):

@@ -140,10 +140,13 @@ def build_dino_backbone(
 ) -> nn.Module:
     """Build timm's ``vit_base_patch16_224.dino`` (frozen, eval mode) with its weights.
 
-    Weight sources, in order: ``weights`` (a local file, must exist);
-    ``$TORCH_HOME/hub/checkpoints/dino_vitbase16_pretrain.pth`` if present; timm's hub model
-    (Hugging Face cache, works offline once cached). When none is available a
-    :class:`FileNotFoundError` names the files and URLs. ``pretrained=False`` gives random weights
+    Weight sources, in order: ``weights`` (a local file, must exist); the places
+    :func:`codsr.weights.find_weight` knows for ``"dino"`` (``$CODSR_DINO``, the codsr cache,
+    ``$TORCH_HOME/hub/checkpoints/dino_vitbase16_pretrain.pth``); timm's hub model
+    ``timm/vit_base_patch16_224.dino`` (the Hugging Face cache; downloaded on first use with
+    huggingface_hub's progress bar). When none is available a
+    :class:`codsr.weights.WeightNotFoundError` (a ``FileNotFoundError``) names the files, the places
+    looked at and the URLs. ``pretrained=False`` gives random weights
     (tests only). ``arch_overrides`` go to ``timm.create_model`` (e.g. ``embed_dim=32,
     num_heads=2`` for a tiny test model).
     """
@@ -154,8 +157,13 @@ def build_dino_backbone(
             raise ValueError("build_dino_backbone: weights were given but pretrained=False; drop one")
         model = timm.create_model(DINO_MODEL_NAME, pretrained=False, **arch_overrides)
     else:
+        from codsr.weights import WeightNotFoundError, find_weight, not_found_message
+
+        status = find_weight("dino")
         cached = Path(torch.hub.get_dir()) / "checkpoints" / DINO_FILENAME
-        local = weights if weights is not None else (cached if cached.is_file() else None)
+        local = weights
+        if local is None:
+            local = status.path if status.found else (cached if cached.is_file() else None)
         if local is not None:
             model = timm.create_model(DINO_MODEL_NAME, pretrained=False, **arch_overrides)
             load_vit_weights(model, local)
@@ -163,9 +171,10 @@ def build_dino_backbone(
             try:
                 model = timm.create_model(DINO_MODEL_NAME, pretrained=True, **arch_overrides)
             except Exception as err:  # hub/network errors differ by library version
-                raise FileNotFoundError(
-                    f"could not load '{DINO_MODEL_NAME}' pretrained weights ({type(err).__name__}: {err}). "
-                    f"{_dino_hint()}"
+                detail = (str(err).splitlines() or [""])[0]
+                status.looked_at.append(f"timm hub model {DINO_HF_REPO} ({type(err).__name__}: {detail})")
+                raise WeightNotFoundError(
+                    f"{not_found_message(status, 'for the GAN discriminator')} {_dino_hint()}"
                 ) from err
     model.requires_grad_(False)
     model.eval()

@@ -1,13 +1,17 @@
 """Stage-1 reconstruction loss: ``1·MSE(x̂, x_HQ) + 2·LPIPS-VGG(x̂, x_HQ)`` (paper §3.4, docs/method.md#stage-1).
 
 LPIPS is the ``lpips`` package's VGG variant (``lpips.LPIPS(net="vgg")``, inputs in [-1, 1]). The
-package ships only its linear calibration layers; the VGG16 backbone normally comes from a torchvision
-download, which is impossible offline. :class:`LPIPSLoss` therefore builds LPIPS with a random trunk
-(no download) and then loads the torchvision VGG16 ImageNet weights from a local file:
+package ships only its linear calibration layers; the VGG16 backbone comes from torchvision's file.
+:class:`LPIPSLoss` builds LPIPS with a random trunk (no download inside ``lpips``) and then loads the
+torchvision VGG16 ImageNet weights (:func:`resolve_vgg16_weights`):
 
-1. the path passed as ``vgg_weights``;
-2. else ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth`` (torchvision's own cache location);
-3. else :class:`FileNotFoundError` naming the file and :data:`VGG16_URL`.
+1. the path passed as ``vgg_weights`` (must exist);
+2. else the places :func:`codsr.weights.find_weight` knows for ``"lpips-vgg"`` (``$CODSR_LPIPS_VGG``,
+   the codsr cache, ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``) and ``torch.hub.get_dir()``;
+3. else, on first use, download :data:`VGG16_URL` into torchvision's cache
+   (``torch.hub.get_dir()/checkpoints``) with a progress bar and torchvision's SHA-256 prefix check;
+4. when that fails (offline): :class:`codsr.weights.WeightNotFoundError` (a ``FileNotFoundError``)
+   naming the file, the places looked at and the command that gets it.
 
 A random-trunk LPIPS (for tests only) must be asked for explicitly with
 ``LPIPSLoss(pretrained_backbone=False)``.
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "VGG16_FILENAME",
+    "VGG16_HASH_PREFIX",
     "VGG16_URL",
     "LPIPSLoss",
     "ReconstructionLoss",
@@ -36,18 +41,21 @@ __all__ = [
 
 VGG16_FILENAME = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILENAME}"
+VGG16_HASH_PREFIX = "397923af"  # torchvision names its files after the SHA-256 prefix (check_hash)
 
 # lpips splits torchvision's ``vgg16().features`` into five slices at these layer indices; the
 # slice modules keep the torchvision index as their child name (``slice2.5`` = ``features.5``).
 _LPIPS_VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 
 
-def resolve_vgg16_weights(vgg_weights: str | os.PathLike[str] | None = None) -> Path:
-    """Return the local path of the torchvision VGG16 ImageNet weights, or raise a clear error.
+def resolve_vgg16_weights(vgg_weights: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """Return the local path of the torchvision VGG16 ImageNet weights (module doc for the order),
+    downloading them on first use (``download=True``), or raise a clear error.
 
-    An explicit ``vgg_weights`` must exist; otherwise ``$TORCH_HOME/hub/checkpoints/`` (as given by
-    :func:`torch.hub.get_dir`) is searched for ``vgg16-397923af.pth``.
+    An explicit ``vgg_weights`` must exist (it is never replaced by another copy).
     """
+    from codsr.weights import WeightNotFoundError, find_weight, not_found_message
+
     hint = (
         f"LPIPS-VGG needs the torchvision VGG16 ImageNet weights '{VGG16_FILENAME}' ({VGG16_URL}). "
         f"Download it on a machine with network access and either pass its path (vgg_weights=...) or "
@@ -58,10 +66,26 @@ def resolve_vgg16_weights(vgg_weights: str | os.PathLike[str] | None = None) -> 
         if not path.is_file():
             raise FileNotFoundError(f"vgg_weights file not found: {path}. {hint}")
         return path
+    status = find_weight("lpips-vgg")
+    if status.found:
+        return Path(status.path)  # type: ignore[arg-type]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
-    if not cached.is_file():
-        raise FileNotFoundError(f"{cached} not found. {hint}")
-    return cached
+    if cached.is_file():
+        return cached
+    if not any(s.startswith(f"{cached} ") for s in status.looked_at):
+        status.looked_at.append(f"{cached} (torch.hub.get_dir())")
+    if download and not os.environ.get(status.spec.env):
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # torchvision's own download: temp file + rename, progress bar, SHA-256 prefix checked
+            torch.hub.download_url_to_file(
+                VGG16_URL, str(cached), hash_prefix=VGG16_HASH_PREFIX, progress=True
+            )
+            return cached
+        except Exception as exc:  # offline, proxy, HTTP error, wrong hash: all mean "unavailable"
+            detail = (str(exc).splitlines() or [""])[0]
+            status.looked_at.append(f"download from {VGG16_URL} failed: {type(exc).__name__}: {detail}")
+    raise WeightNotFoundError(f"{not_found_message(status, 'for the LPIPS-VGG loss')} {hint}")
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

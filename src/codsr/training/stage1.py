@@ -28,10 +28,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from codsr.atomic import atomic_write
 from codsr.model.codsr import CODSRModel
 from codsr.model.lora import UNET_GROUPS, VAE_ADAPTER, unet_adapter_name
 from codsr.training.config import ConfigError, TrainConfig
 from codsr.training.prompts import FilePrompts, RAMCropPrompts, apply_null_text, read_prompt_file
+from codsr.training.provenance import check_base_model, write_provenance
 from codsr.training.trainer import BaseTrainer
 from codsr.training.trainer_utils import stream_seed
 
@@ -154,6 +156,9 @@ class Stage1Trainer(BaseTrainer):
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             if cfg.model.init_checkpoint:
                 ckpt = load_checkpoint(cfg.model.init_checkpoint)
+                check_base_model(
+                    cfg.model.init_checkpoint, cfg.model.base_model, cfg.model.revision, ckpt.metadata
+                )
                 if ckpt.has_alignment:
                     raise ConfigError(
                         f"config key 'model.init_checkpoint': {cfg.model.init_checkpoint} is a stage-2 checkpoint; "
@@ -231,6 +236,7 @@ class Stage1Trainer(BaseTrainer):
             ds = HQImageDataset(
                 d.train_hq, crop_size=d.crop_size, flip=d.flip, degradation=degradation,
                 degrade_in=d.degrade_in, seed=cfg.seed, small_images=d.small_images, prompt_fn=prompt_fn,
+                lq_resize=d.lq_resize,
             )  # fmt: skip
             paths = ds.paths
         elif d.train_lq_dir:
@@ -241,6 +247,7 @@ class Stage1Trainer(BaseTrainer):
             ds = PairedImageDataset(
                 d.train_lq_dir, d.train_hq_dir, crop_size=d.crop_size, flip=d.flip, seed=cfg.seed,
                 small_images=d.small_images, prompt_fn=prompt_fn, resize_back_modes=degradation.resize_back_modes,
+                lq_resize=d.lq_resize,
             )  # fmt: skip
             paths = [hq for _, hq in ds.pairs]
         else:
@@ -289,7 +296,21 @@ class Stage1Trainer(BaseTrainer):
 
     def get_lq(self, batch: Mapping[str, Any], hq: torch.Tensor) -> torch.Tensor:
         if self.degrader is not None:
-            return self.degrader(hq, kernels=batch)["lq"].to(self.device)
+            how = self.config.data.lq_resize
+            if how == "torch":
+                return self.degrader(hq, kernels=batch)["lq"].to(self.device)
+            from codsr.data.datasets import resize_lq_back
+
+            # PIL resizes run on the CPU, with the degrader's generator (its state is checkpointed).
+            small = (self.degrader(hq, kernels=batch, resize_to_hq=False)["lq_small"] + 1) / 2
+            lq, _ = resize_lq_back(
+                small,
+                tuple(hq.shape[-2:]),
+                self.degrader.generator,
+                how,
+                self.degrader.config.resize_back_modes,
+            )
+            return (lq * 2 - 1).to(self.device)
         return batch["lq"].to(self.device, non_blocking=True)
 
     def train_micro_step(self, batch: Any, accumulation: int) -> dict[str, float]:
@@ -448,7 +469,8 @@ class Stage1Trainer(BaseTrainer):
             if use_ema:
                 self.ema.swap()
             try:
-                ckpt = self.generator.export_checkpoint({**self.checkpoint_metadata(step), "ema": use_ema})
+                meta = {**self.checkpoint_metadata(step), "ema": use_ema}
+                ckpt = self.generator.export_checkpoint(meta)
             finally:
                 if use_ema:
                     self.ema.swap()
@@ -456,10 +478,12 @@ class Stage1Trainer(BaseTrainer):
                 path = ckpt.save(
                     self.output_dir / "checkpoints" / f"{self.checkpoint_stem}_step{step:06d}{suffix}{ext}"
                 )
+                write_provenance(path, meta)  # the base model it belongs to (.pkl has no header)
                 written.append(path)
                 if final:
                     final_path = self.output_dir / f"{self.checkpoint_stem}{suffix}{ext}"
                     shutil.copyfile(path, final_path)
+                    write_provenance(final_path, meta)
                     written.append(final_path)
         return written
 
@@ -472,10 +496,11 @@ class Stage1Trainer(BaseTrainer):
 
         v = self.config.validation
         if v.lq_dir:
+            # validation LQ is upsampled exactly as inference does (PIL bicubic, float)
             ds = PairedImageDataset(v.lq_dir, v.hq_dir, crop_size=v.crop_size, flip=False, seed=v.seed,
-                                    resize_back_modes=("bicubic",))  # fmt: skip
+                                    resize_back_modes=("bicubic",), lq_resize="inference")  # fmt: skip
         elif v.hq:
-            ds = HQImageDataset(v.hq, crop_size=v.crop_size, flip=False, seed=v.seed,
+            ds = HQImageDataset(v.hq, crop_size=v.crop_size, flip=False, seed=v.seed, lq_resize="inference",
                                 degradation=DegradationConfig.from_dict(self.config.data.degradation))  # fmt: skip
         else:
             log.warning("validation.every is set but no validation images are configured (validation.hq or "
@@ -520,7 +545,8 @@ class Stage1Trainer(BaseTrainer):
         grid = ((torch.cat(rows, dim=-2).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         out_dir = self.output_dir / "validation"
         out_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(out_dir / f"step{step:06d}.png")
+        img = Image.fromarray(grid)
+        atomic_write(out_dir / f"step{step:06d}.png", lambda f: img.save(f, format="PNG"))
         if self.logger is not None:
             self.logger.log_images(
                 step, "val/lq_out_hq", torch.from_numpy(grid).permute(2, 0, 1)[None].float() / 255

@@ -40,7 +40,9 @@ import torch
 import torch.nn as nn
 
 from codsr.model.codsr import CODSRModel
+from codsr.precision import PRECISIONS, resolve_dtype
 from codsr.training.config import ConfigError, TrainConfig
+from codsr.training.provenance import check_base_model
 from codsr.training.stage1 import Stage1Trainer
 from codsr.training.trainer import TrainingStateError
 
@@ -52,8 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("codsr.training")
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def alignment_attn2_parameter(name: str) -> bool:
@@ -151,6 +151,9 @@ class Stage2Trainer(Stage1Trainer):
         comps = load_base_components(cfg.model.base_model, revision=cfg.model.revision)
         gen = CODSRModel(comps.vae, comps.unet, comps.scheduler)
         ckpt = load_checkpoint(Path(cfg.model.init_checkpoint).expanduser())
+        # stage 2 must run on the base its stage-1 checkpoint was trained on
+        check_base_model(Path(cfg.model.init_checkpoint).expanduser(), cfg.model.base_model, cfg.model.revision,
+                         ckpt.metadata)  # fmt: skip
         with warnings.catch_warnings():
             # peft warns on every adapter after the first; several adapters are the design (docs/method.md#lora-layout).
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -182,9 +185,9 @@ class Stage2Trainer(Stage1Trainer):
         """dtype of the VSD's frozen SD UNet (``vsd.base_dtype``; "auto": the mixed-precision dtype on a GPU)."""
         name = self.config.vsd.base_dtype
         if name != "auto":
-            return _DTYPES[name]
+            return resolve_dtype(name)
         mp = self.config.train.mixed_precision
-        return _DTYPES[mp] if mp in _DTYPES and self.device.type == "cuda" else torch.float32
+        return resolve_dtype(mp) if mp in PRECISIONS and self.device.type == "cuda" else torch.float32
 
     def _build_vsd(self, unet: nn.Module, scheduler: Any) -> None:
         from codsr.stage2.vsd import NEGATIVE_PROMPT, VSDLoss
@@ -230,8 +233,9 @@ class Stage2Trainer(Stage1Trainer):
     def build_dataset(self) -> torch.utils.data.Dataset:
         if self.online:
             return super().build_dataset()  # HQ crops (or pairs) + prompts; masks come in the loop
+        from codsr.data.datasets import SyntheticLQ
         from codsr.data.degradation import DegradationConfig
-        from codsr.stage2.dataset import Stage2Dataset, realesrgan_degrade
+        from codsr.stage2.dataset import Stage2Dataset
 
         cfg, d, m = self.config, self.config.data, self.config.masks
         if not m.dir:
@@ -245,7 +249,7 @@ class Stage2Trainer(Stage1Trainer):
                 f"(mask keys are paths relative to it), got {d.train_hq}"
             )
         ds = Stage2Dataset(
-            d.train_hq[0], m.dir, degrade=realesrgan_degrade(DegradationConfig.from_dict(d.degradation)),
+            d.train_hq[0], m.dir, degrade=SyntheticLQ(DegradationConfig.from_dict(d.degradation), d.lq_resize),
             flip=d.flip, text_drop_rate=cfg.prompts.null_text_prob, min_mask_pixels=cfg.tmg.min_mask_pixels,
             missing=m.missing, seed=cfg.seed,
         )  # fmt: skip

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from codsr.atomic import atomic_write_json, atomic_write_text
 from codsr.training.config import TrainConfig
 from codsr.training.trainer_utils import (
     EMA,
@@ -198,7 +199,7 @@ class BaseTrainer:
             self.ema = EMA(self._params, cfg.ema.decay)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            atomic_write_text(self.output_dir / "config.yaml", cfg.to_yaml())
             self.logger = MetricsLogger(self.output_dir / "logs", cfg.logging.tensorboard)
             if self.logger.tensorboard_error:
                 log.warning(self.logger.tensorboard_error)
@@ -346,7 +347,7 @@ class BaseTrainer:
                 "seed": self.config.seed,
                 "config": self.config.to_dict(),
             }
-            (tmp / STATE_COMPLETE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            atomic_write_json(tmp / STATE_COMPLETE, meta)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

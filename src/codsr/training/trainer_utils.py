@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from codsr.atomic import append_bytes
+
 __all__ = [
     "DataStream",
     "EMA",
@@ -301,8 +303,7 @@ class MetricsLogger:
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        append_bytes(self.jsonl, (json.dumps({"step": int(step), **clean}) + "\n").encode("utf-8"))
         if self.writer is not None:
             for k, v in clean.items():
                 self.writer.add_scalar(k, v, int(step))
