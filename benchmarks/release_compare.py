@@ -524,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt = f"{TAGS}, ,"  # the release's f"{tags}, {user_prompt}," with an empty user prompt
 
     from codsr import CODSRPipeline
+    from codsr.precision import resolve_dtype
 
     sides: dict[str, Any] = {}
     release_info: dict[str, Any] = {}
@@ -539,9 +540,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours_build: dict[str, float] = {}
         for dt in args.dtypes:
             t0 = time.perf_counter()
-            torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+            # tags are passed explicitly to both sides: no tagger (tagger=None, silent).
             pipe = CODSRPipeline.from_pretrained(
-                base, checkpoint=ckpt, device=device, torch_dtype=torch_dtype
+                base, checkpoint=ckpt, device=device, torch_dtype=resolve_dtype(dt), tagger=None
             )
             ours_build[dt] = time.perf_counter() - t0
             sides[f"codsr {dt}"] = ("ours", pipe)
