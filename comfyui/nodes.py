@@ -53,14 +53,6 @@ def _resolve_device(device: str):
     return default_device()
 
 
-def _resolve_dtype(dtype: str, device):
-    import torch
-
-    if dtype == "auto":
-        dtype = "fp16" if device.type in ("cuda", "mps") else "fp32"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-
-
 class CODSRModelHandle:
     """What flows along a CODSR_MODEL edge: the load settings and the pipeline built from them.
 
@@ -74,7 +66,9 @@ class CODSRModelHandle:
         self.base_model = base_model or None
         self.revision = revision or None
         self.device = _resolve_device(device)
-        self.torch_dtype = _resolve_dtype(dtype, self.device)
+        from codsr.precision import resolve_dtype
+
+        self.torch_dtype = resolve_dtype(dtype, self.device)
         self.tagger = tagger
         self._pipe = None
         self._scale: float | None = None

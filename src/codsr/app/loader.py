@@ -11,21 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from codsr.app.settings import AppConfig
-
-
-def precision_dtype(precision: str | None, device: Any):
-    """torch dtype for "fp32" / "bf16" / "fp16"; None = fp16 on CUDA/MPS, fp32 on CPU (as the CLI)."""
-    import torch
-
-    if precision is None:
-        precision = "fp16" if torch.device(device).type in ("cuda", "mps") else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def precision_name(dtype: Any) -> str:
-    import torch
-
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+from codsr.precision import precision_name
+from codsr.precision import resolve_dtype as precision_dtype  # None = the device's default, as the CLI
 
 
 class PipelineLoader:

@@ -17,7 +17,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from codsr.precision import PRECISIONS
+
 COLOR_FIXES = ("adain", "wavelet", "none")
 TAGGERS = ("auto", "none", "dape", "ram")
 MAX_SCALE = 16.0

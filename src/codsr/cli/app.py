@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from codsr.precision import PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

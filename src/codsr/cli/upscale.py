@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from codsr.precision import PRECISIONS, resolve_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,14 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _dtype(precision: str | None, device):
-    import torch
-
-    if precision is None:
-        precision = "fp16" if device.type in ("cuda", "mps") else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def tile_plan_from_args(args: argparse.Namespace, width: int, height: int):
     """The TilePlan the flags ask for, before any budget: ``--tile`` (+ ``--tile-overlap``), the
     automatic plan with ``--tile-overlap`` alone, or None (the planner decides)."""
@@ -195,7 +187,7 @@ def make_process(args: argparse.Namespace, device=None):
     from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
 
     device = _device(args) if device is None else torch.device(device)
-    dtype = _dtype(args.precision, device)
+    dtype = resolve_dtype(args.precision, device)
     if args.max_memory is not None and device.type == "cpu":
         # Process-wide glibc setting the memory model was measured with (docs/memory.md#glibc-heap);
         # an application's choice, so the CLI makes it, not the library.
