@@ -24,7 +24,8 @@ stage: CPU peak RSS (VmHWM, reset through /proc/self/clear_refs before each stag
 CUDA (``--device cuda``): stage times as above (synchronised), plus the end-to-end latency of
 uninstrumented calls measured with CUDA events after the warm-up (``cuda_events``: the whole
 ``restore`` and the model forward with the prompt already encoded), ``max_memory_allocated`` as
-the peak. ``--channels-last`` puts the UNet and VAE weights in channels-last layout; attention is
+the peak. ``--channels-last`` puts the UNet and VAE weights in channels-last layout (without it the
+VAE still runs channels-last where the pipeline's default does: bf16/fp16 on the CPU); attention is
 diffusers' default processor, ``F.scaled_dot_product_attention`` (recorded in the JSON).
 ``--compile`` compiles the UNet's down/mid/up blocks and the VAE encoder/decoder with
 ``torch.compile`` (hook-free modules; the LQFM hook on ``conv_in`` and the tiled stages' GroupNorm
@@ -331,7 +332,8 @@ def prepare_pipeline(pipe: Any, *, channels_last: bool = False, compile: bool = 
     model = pipe.generator
     unet, vae = model.unet, model.vae
     if channels_last:
-        for m in (unet, vae, model.sft):
+        pipe.to(channels_last=True)  # the pipeline's own VAE layout setting (restore keeps it)
+        for m in (unet, model.sft):
             m.to(memory_format=torch.channels_last)
     compiled = []
     if compile:
@@ -342,7 +344,8 @@ def prepare_pipeline(pipe: Any, *, channels_last: bool = False, compile: bool = 
             m.compile(dynamic=False)  # one static graph per size: no slower dynamic-shape kernels
             compiled.append(name)
     processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-    return {"channels_last": channels_last, "compiled_modules": compiled, "unet_attention_processors": processors,
+    return {"channels_last": channels_last, "vae_channels_last": bool(getattr(pipe, "vae_channels_last", channels_last)),
+            "compiled_modules": compiled, "unet_attention_processors": processors,
             "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention")}  # fmt: skip
 
 
@@ -590,7 +593,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from codsr.hostmem import limit_heap_fragmentation
+    from codsr.hostmem import configure_host_allocator
     from codsr.pipeline import tiling
     from codsr.testing.sd21 import build_sd21_pipeline
 
@@ -599,13 +602,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
-    if args.max_memory and device.type == "cpu":
-        limit_heap_fragmentation()  # the glibc setting the memory model was measured with, as the CLI does
+    allocator = "default"
+    if device.type == "cpu":  # the CLI's rule: bounded RSS under a budget, reuse of freed memory otherwise
+        allocator = configure_host_allocator(budgeted=bool(args.max_memory))
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "codsr restore latency/memory, full-size SD 2.1-base, random weights",
         "machine": machine_info(device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "host_allocator": allocator,
         "results": [],
     }
     for name in args.dtypes:

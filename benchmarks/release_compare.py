@@ -258,11 +258,15 @@ def synthetic_image(size: int, seed: int = 0):
 
 
 # ============================================================================ the release side
+# glibc tunables equal to codsr.hostmem.reuse_freed_memory()'s mallopt calls (M_MMAP_MAX 0, M_TRIM_THRESHOLD)
+RELEASE_REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
 class ReleaseProcess:
     """The release's per-image server (``release_runner.py``) in the release venv."""
 
     def __init__(self, release_dir: Path, base: Path, ckpt: Path, *, dtype: str, device: str, threads: int,
-                 log: Path, tile_args: Sequence[str] = ()) -> None:  # fmt: skip
+                 log: Path, tile_args: Sequence[str] = (), reuse_memory: bool = False) -> None:  # fmt: skip
         python = release_dir / "venv" / "bin" / "python"
         src = release_dir / "src"
         if not python.is_file() or not (src / "codsr.py").is_file():
@@ -271,6 +275,8 @@ class ReleaseProcess:
             )
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update(_thread_env(threads))
+        if reuse_memory:  # the same glibc setting as codsr.hostmem.reuse_freed_memory, from outside
+            env["GLIBC_TUNABLES"] = RELEASE_REUSE_TUNABLES
         cmd = [str(python), str(HERE / "release_runner.py"), "--release-src", str(src), "--model", str(base),
                "--ckpt", str(ckpt), "--dtype", dtype, "--device", device, "--threads", str(threads), *tile_args]  # fmt: skip
         self.log = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -481,6 +487,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES, help="codsr's precisions")
     p.add_argument("--release-dtypes", nargs="+", default=["fp32"], choices=DTYPES,
                    help="the release's (fp32 is its CPU path, fp16 its GPU path; bf16 is cast from outside)")  # fmt: skip
+    p.add_argument("--fp32-channels-last", action="store_true",
+                   help="also time codsr fp32 with channels_last=True (the opt-in fast fp32 path)")  # fmt: skip
+    p.add_argument("--unmerged-vae-lora", action="store_true",
+                   help="also time codsr fp32 with merge_vae_lora=False (the release's exact VAE-encoder LoRA numerics)")  # fmt: skip
+    p.add_argument("--allocator", choices=["reuse", "default"], default="reuse",
+                   help="our process's glibc heap on the CPU: 'reuse' (as the codsr CLI and app set it "
+                        "without a memory budget: codsr.hostmem.reuse_freed_memory) or glibc's default")  # fmt: skip
+    p.add_argument("--release-allocator", choices=["reuse", "default"], default="default",
+                   help="the release's: 'default' (as it ships) or 'reuse' (the same setting, given from "
+                        "outside through GLIBC_TUNABLES)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model (a test / smoke run)")
     p.add_argument("--color-fix", default="adain", choices=["adain", "wavelet", "none"])
@@ -512,6 +528,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k, v in _thread_env(args.threads).items():
         os.environ.setdefault(k, v)
     device = torch.device(args.device)
+    allocator = "default"
+    if device.type == "cpu" and args.allocator == "reuse":
+        from codsr.hostmem import configure_host_allocator
+
+        allocator = configure_host_allocator(budgeted=False)  # what the codsr CLI does without --max-memory
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base, ckpt = ensure_weights(args.weights_dir, args.tiny, args.seed)
     process_size = min(512, args.size)  # the release's default 512; smaller only for quick checks
@@ -533,19 +554,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for dt in args.release_dtypes:
             t0 = time.perf_counter()
             rp = ReleaseProcess(args.release_dir, base, ckpt, dtype=dt, device=args.device, threads=args.threads,
-                                log=work / f"release_{dt}.log")  # fmt: skip
+                                log=work / f"release_{dt}.log", reuse_memory=args.release_allocator == "reuse")  # fmt: skip
             releases.append(rp)
             sides[f"release {dt}"] = ("release", rp)
             release_info[dt] = {**rp.info, "start_s": time.perf_counter() - t0}
         ours_build: dict[str, float] = {}
-        for dt in args.dtypes:
+        variants = [(f"codsr {dt}", dt, {}) for dt in args.dtypes]
+        if args.fp32_channels_last:
+            variants.append(("codsr fp32 channels_last", "fp32", {"channels_last": True}))
+        if args.unmerged_vae_lora:
+            variants.append(("codsr fp32 unmerged_vae_lora", "fp32", {"merge_vae_lora": False}))
+        for name, dt, kw in variants:
             t0 = time.perf_counter()
             # tags are passed explicitly to both sides: no tagger (tagger=None, silent).
             pipe = CODSRPipeline.from_pretrained(
-                base, checkpoint=ckpt, device=device, torch_dtype=resolve_dtype(dt), tagger=None
+                base, checkpoint=ckpt, device=device, torch_dtype=resolve_dtype(dt), tagger=None, **kw
             )
-            ours_build[dt] = time.perf_counter() - t0
-            sides[f"codsr {dt}"] = ("ours", pipe)
+            ours_build[name] = time.perf_counter() - t0
+            sides[name] = ("ours", pipe)
 
         def one(name: str, seed: int, save: Path | None = None) -> tuple[dict[str, Any], Any]:
             kind, obj = sides[name]
@@ -597,8 +623,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parity: dict[str, Any] = {}
     if outputs:
         pairs = [(f"codsr {d}", f"release {d}") for d in args.dtypes if f"release {d}" in outputs]
+        pairs += [(n, "release fp32") for n, dt, kw in variants if kw and "release fp32" in outputs]
         if "codsr fp32" in outputs:
-            pairs += [(f"codsr {d}", "codsr fp32") for d in args.dtypes if d != "fp32"]
+            pairs += [(n, "codsr fp32") for n, dt, _ in variants if n != "codsr fp32"]
         for a, b in pairs:
             if outputs.get(a) is not None and outputs.get(b) is not None:
                 parity[f"{a} vs {b}"] = image_diff(outputs[a], outputs[b])
@@ -613,8 +640,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if (args.release_dir / "COMMIT").is_file()
             else None,
             "runners": release_info,
+            "allocator": args.release_allocator,
         },  # fmt: skip
-        "ours": {"build_s": ours_build, "wrapped": wrapped},
+        "ours": {"build_s": ours_build, "wrapped": wrapped, "allocator": allocator},
         "baseline": baseline,
         "sides": {n: {**summaries[n], "calls": calls[n]} for n in names},
         "ratios": ratio_rows(summaries, baseline),

@@ -16,7 +16,8 @@ from codsr import TilePlan
 from codsr.pipeline.pipeline import assemble_prompt
 from codsr.pipeline.tiled_stages import tiled_stages
 
-# Max |out − release| measured on CPU: 1.08e-5 untiled, 0.94e-5 tiled release_compat (2 threads; 1.35e-5 on 1).
+# Max |out − release| measured on CPU: 1.08e-5 untiled with the VAE-encoder LoRA unmerged (the release's
+# numerics), 4.07e-5 merged (the default), 0.94e-5 tiled release_compat (2 threads; 1.35e-5 on 1).
 PARITY_ATOL = 1e-4
 TILES_16 = TilePlan(latent_tile=16, latent_overlap=4)
 
@@ -80,6 +81,39 @@ def test_bf16_keeps_schedule_in_fp32_and_stays_close(parity_dir, parity_case):
     assert out.dtype == torch.float32
     # bf16 rounding through a random network (fp32 parity is exact): measured 35.5 dB (CPU, torch 2.x)
     assert _psnr(out, case["output"]) > 33
+
+
+def test_vae_lora_merged_by_default_and_both_within_parity(parity_dir, parity_case):
+    from codsr import CODSRPipeline
+
+    case = parity_case("untiled")
+    outs = {}
+    for merge in (True, False):
+        pipe = CODSRPipeline.from_pretrained(
+            parity_dir / "tiny-sd21", parity_dir / "codsr_tiny.pkl", device="cpu", torch_dtype=torch.float32,
+            tagger=None, **({} if merge else {"merge_vae_lora": False}),
+        )  # fmt: skip
+        has_peft = any("lora_A" in n for n, _ in pipe.generator.vae.named_parameters())
+        assert has_peft is not merge  # the default merges: no adapter modules left in the VAE
+        outs[merge] = _restore(pipe, case)
+    # unmerged: the release's own summation (1.1e-5); merged: one rounding more (4.1e-5 measured)
+    assert (outs[False] - case["output"]).abs().max() <= 2e-5
+    assert (outs[True] - case["output"]).abs().max() <= PARITY_ATOL
+    assert 0 < (outs[True] - outs[False]).abs().max() <= PARITY_ATOL
+
+
+def test_channels_last_fp32_is_opt_in_and_moves_the_output_by_rounding_only(parity_dir, parity_case):
+    from codsr import CODSRPipeline
+
+    case = parity_case("untiled")
+    pipe = CODSRPipeline.from_pretrained(
+        parity_dir / "tiny-sd21", parity_dir / "codsr_tiny.pkl", device="cpu", torch_dtype=torch.float32,
+        tagger=None, channels_last=True,
+    )  # fmt: skip
+    assert pipe.vae_channels_last
+    out = _restore(pipe, case)
+    # summation order only: measured 5.6e-4 (beyond the 1e-4 parity tolerance, hence opt-in in fp32)
+    assert 1e-6 < (out - case["output"]).abs().max() <= 2e-3
 
 
 # ------------------------------------------------------------------ restore = the model's forward
@@ -191,6 +225,46 @@ def test_removed_tile_kwargs_are_type_errors(tiny_pipeline):
         tiny_pipeline.restore(_lq(64, 64), latent_tile_size=16)
     with pytest.raises(TypeError, match="vae_offload"):
         tiny_pipeline(Image.new("RGB", (16, 16)), vae_offload="disk")
+
+
+# ------------------------------------------------------------------ VAE memory layout
+
+
+def _is_cl(pipe):
+    w = pipe.generator.vae.decoder.conv_in.weight
+    return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def test_vae_layout_is_channels_last_for_bf16_on_cpu_only():
+    from codsr.testing import tiny_pipeline as build
+
+    pipe = build(seed=0, dtype=torch.float32, device="cpu")
+    assert pipe.channels_last is None and not pipe.vae_channels_last and not _is_cl(pipe)
+    pipe.to(dtype=torch.bfloat16)  # auto: bf16/fp16 on the CPU run the VAE channels-last
+    assert pipe.vae_channels_last and _is_cl(pipe)
+    assert not _is_cl(pipe.to(channels_last=False)) and pipe.channels_last is False
+    pipe.to(dtype=torch.float32, channels_last=True)  # fp32 opt-in
+    assert _is_cl(pipe)
+    pipe.channels_last = None
+    pipe.generator.vae.to(memory_format=torch.channels_last)  # moved by hand: restore re-applies the choice
+    pipe.restore(_lq(32, 32), generator=_g(0))
+    assert not _is_cl(pipe)
+
+
+def test_channels_last_bf16_tiled_matches_fp32():
+    """The channels-last bf16 VAE runs through the exact tiled encoder/decoder (GroupNorm pooling on
+    channels-last tensors) and stays close to the fp32 NCHW result."""
+    from codsr.testing import tiny_pipeline as build
+
+    lq = _lq(128, 96)
+    plan = TilePlan(latent_tile=8, latent_overlap=2, vae_encoder_tile=64, vae_decoder_tile=64)
+    ref = build(seed=0, dtype=torch.float32).restore(lq, prompt="a cat", generator=_g(3), tile_plan=plan)
+    pipe = build(seed=0, dtype=torch.bfloat16)
+    assert _is_cl(pipe)
+    out = pipe.restore(lq, prompt="a cat", generator=_g(3), tile_plan=plan)
+    nchw = pipe.to(channels_last=False).restore(lq, prompt="a cat", generator=_g(3), tile_plan=plan)
+    assert _psnr(out, ref) > 30 and _psnr(nchw, ref) > 30
+    assert _psnr(out, nchw) > 35  # the layouts differ by bf16 rounding only
 
 
 # ------------------------------------------------------------------ images and validation

@@ -3,9 +3,11 @@
 Imports nothing from codsr (the lowest layer): the pipeline's tile planner
 (:mod:`codsr.pipeline.tiling`), the tiled VAE, the CLI and the benchmarks use it.
 
-Only :func:`limit_heap_fragmentation` changes process-wide state (glibc's mmap threshold); library
-code never calls it: the ``codsr upscale`` CLI and the benchmarks do, when a memory budget is given
-on the CPU (the memory model was measured that way, docs/memory.md).
+Only :func:`limit_heap_fragmentation` and :func:`reuse_freed_memory` change process-wide state
+(glibc's malloc settings); library code never calls them. Applications choose with
+:func:`configure_host_allocator`: the ``codsr upscale`` CLI and the benchmarks limit fragmentation
+when a memory budget is given on the CPU (the memory model was measured that way, docs/memory.md)
+and reuse freed memory otherwise (faster: docs/benchmarks.md#cpu-speed).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ __all__ = [
     "HEAP_MMAP_THRESHOLD",
     "PeakMemoryMeter",
     "automatic_budget",
+    "configure_host_allocator",
     "limit_heap_fragmentation",
     "release_host_memory",
     "resident_bytes",
+    "reuse_freed_memory",
 ]
 
 
@@ -62,9 +66,23 @@ def release_host_memory() -> None:
         pass
 
 
-# glibc's mallopt parameter number for M_MMAP_THRESHOLD (malloc.h).
+# glibc's mallopt parameter numbers (malloc.h) and its defaults.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
 HEAP_MMAP_THRESHOLD = 1 << 20
+# Freed heap memory above this much at the top is given back to the OS in reuse mode (mallopt takes an int).
+REUSE_TRIM_THRESHOLD = 2**31 - 1
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(bool(libc.mallopt(param, int(value))) for param, value in settings)
+    except (OSError, AttributeError):
+        return False
 
 
 def limit_heap_fragmentation(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
@@ -77,10 +95,36 @@ def limit_heap_fragmentation(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     Process-wide, so only applications call it (the CLI and the benchmarks under a CPU budget),
     never the library. A no-op (returns False) where glibc is not the allocator.
     """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    ok = _mallopt(
+        (_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD), (_M_MMAP_THRESHOLD, threshold)
+    )
+    release_host_memory()  # what reuse mode kept goes back now
+    return ok
+
+
+def reuse_freed_memory() -> bool:
+    """Serve every allocation from glibc's heap and keep freed memory there (``M_MMAP_MAX`` 0,
+    ``M_TRIM_THRESHOLD`` 2 GiB).
+
+    glibc's default gives each tensor over 32 MB its own mapping, unmapped when freed, so every
+    large activation of the VAE is page-faulted and zeroed by the kernel again: on a 2-vCPU EPYC
+    that was ~1/4 of the bf16 VAE's time at 512² (5.9 s → 4.3 s with this setting, peak RSS
+    +0.2 GB; docs/benchmarks.md#cpu-speed). The cost is memory held between phases and heap
+    fragmentation with tiles of many sizes, so under a memory budget use
+    :func:`limit_heap_fragmentation` instead. Process-wide: applications call it, never the
+    library. A no-op (returns False) where glibc is not the allocator.
+    """
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD))
+
+
+def configure_host_allocator(budgeted: bool) -> str:
+    """The applications' one rule for the CPU heap: under a memory budget, bounded RSS
+    (:func:`limit_heap_fragmentation`, the setting the memory model was measured with); without
+    one, speed (:func:`reuse_freed_memory`). Returns ``"limit_fragmentation"``/``"reuse"``, or
+    ``"default"`` where glibc's malloc is not there to configure."""
+    if budgeted:
+        return "limit_fragmentation" if limit_heap_fragmentation() else "default"
+    return "reuse" if reuse_freed_memory() else "default"
 
 
 class PeakMemoryMeter:

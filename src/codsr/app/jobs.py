@@ -88,7 +88,11 @@ def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans:
     ``region``: ``control_map`` / ``noise_scale`` keyword arguments of the pipeline (docs/region-control.md)."""
     import torch
 
+    from codsr.hostmem import configure_host_allocator
     from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
+
+    if pipe.device.type == "cpu":  # the app is the application: the CLI's glibc heap rule, per job
+        configure_host_allocator(budgeted=settings.max_memory not in (None, ""))
 
     def process(image, seed: int):
         chw = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)

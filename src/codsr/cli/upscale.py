@@ -181,17 +181,18 @@ def make_process(args: argparse.Namespace, device=None):
     import numpy as np
     import torch
 
-    from codsr.hostmem import limit_heap_fragmentation
+    from codsr.hostmem import configure_host_allocator
     from codsr.model.base import BASE_MODEL_MIRROR
     from codsr.pipeline.pipeline import DEFAULT_TINY_DECODER, CODSRPipeline
     from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
 
     device = _device(args) if device is None else torch.device(device)
     dtype = resolve_dtype(args.precision, device)
-    if args.max_memory is not None and device.type == "cpu":
-        # Process-wide glibc setting the memory model was measured with (docs/memory.md#glibc-heap);
-        # an application's choice, so the CLI makes it, not the library.
-        limit_heap_fragmentation()
+    if device.type == "cpu":
+        # Process-wide glibc setting: bounded RSS under --max-memory (the memory model was measured
+        # that way, docs/memory.md#glibc-heap), else reuse of freed memory (faster); an
+        # application's choice, so the CLI makes it, not the library.
+        configure_host_allocator(budgeted=args.max_memory is not None)
     checkpoint = args.checkpoint
     if checkpoint is None:  # flag → $CODSR_CHECKPOINT → cache dir → ./codsr.pkl (codsr.weights)
         from codsr.weights import find_weight

@@ -160,7 +160,8 @@ def assemble_pipeline(
     """A :class:`codsr.CODSRPipeline` from in-memory base components, as ``from_pretrained`` builds it.
 
     ``comps`` holds ``vae``, ``unet``, ``scheduler``, ``text_encoder`` and ``tokenizer`` (float32);
-    the checkpoint is applied (LoRA merged in float32) before the cast to ``dtype``.
+    the checkpoint is applied (UNet and VAE-encoder LoRA merged in float32, the pipeline's default)
+    before the cast to ``dtype``.
     """
     from codsr.model.codsr import CODSRModel
     from codsr.pipeline.pipeline import CODSRPipeline
@@ -168,7 +169,7 @@ def assemble_pipeline(
     kw = {"sft": sft} if sft is not None else {}
     gen = CODSRModel(comps["vae"], comps["unet"], comps["scheduler"], **kw)
     if checkpoint is not None:
-        gen.load_checkpoint(checkpoint)
+        gen.load_checkpoint(checkpoint, merge_vae=True)
     pipe = CODSRPipeline(gen, comps["text_encoder"], comps["tokenizer"])
     return pipe.to(torch.device(device), dtype)
 
