@@ -602,15 +602,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
-    allocator = "default"
-    if device.type == "cpu":  # the CLI's rule: bounded RSS under a budget, reuse of freed memory otherwise
-        allocator = configure_host_allocator(budgeted=bool(args.max_memory))
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "codsr restore latency/memory, full-size SD 2.1-base, random weights",
         "machine": machine_info(device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "host_allocator": allocator,
         "results": [],
     }
     for name in args.dtypes:
@@ -638,6 +634,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plan = tiling.plan(size, size, device=device, dtype=DTYPES[name], max_memory=args.max_memory,
                                batch=args.batch, release_compat=args.release_compat)  # fmt: skip
             print(f"tile plan for {size}²: {plan.describe()}", flush=True)
+            allocator = "default"
+            if device.type == "cpu":  # the CLI's rule: bounded RSS under a budget or when tiled, else reuse
+                allocator = configure_host_allocator(budgeted=bool(args.max_memory), tiled=plan.vae_tiled)
             res = benchmark_pipeline(
                 pipe, size, repeats=args.repeats, warmup=args.warmup, count_flops=not args.no_flops,
                 batch=args.batch, progress=args.progress, tile_plan=plan, release_compat=args.release_compat,
@@ -645,7 +644,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
             res.update({"dtype": name, "device": str(device), "weights_bytes": weights, "build_s": build_s,
                         "memory_plan": plan.as_dict(), "release_compat": args.release_compat,
-                        "decoder": args.decoder, **prepared})  # fmt: skip
+                        "decoder": args.decoder, "host_allocator": allocator, **prepared})  # fmt: skip
             results["results"].append(res)
             print(format_table(res), flush=True)
             print(flush=True)

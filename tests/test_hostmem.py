@@ -68,6 +68,9 @@ def test_configure_host_allocator_picks_the_mode_by_budget(monkeypatch):
     assert hostmem.configure_host_allocator(budgeted=True) == "limit_fragmentation"
     # back to glibc's defaults for M_MMAP_MAX / M_TRIM_THRESHOLD, 1 MiB mmap threshold, kept memory returned
     assert calls == [((-4, 65536), (-1, 128 * 1024), (-3, 1 << 20)), "trim"]
+    calls.clear()
+    assert hostmem.configure_host_allocator(budgeted=False, tiled=True) == "limit_fragmentation"  # large images
+    assert calls == [((-4, 65536), (-1, 128 * 1024), (-3, 1 << 20)), "trim"]
     monkeypatch.setattr(hostmem, "_mallopt", lambda *settings: False)  # not glibc
     assert hostmem.configure_host_allocator(budgeted=False) == "default"
 

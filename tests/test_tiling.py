@@ -257,3 +257,12 @@ def test_retry_shrinks_gives_up_and_passes_other_errors():
     assert len(attempts) == 1
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("x")) and not is_out_of_memory(MemoryBudgetError("x"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_vae_tiled_marks_the_large_image_plans():
+    cpu = torch.device("cpu")
+    assert not plan(512, 512, device=cpu, dtype=torch.bfloat16).vae_tiled  # VAE untiled, UNet in one tile
+    assert plan(2048, 2048, device=cpu, dtype=torch.bfloat16).vae_tiled  # VAE encoder 1024 px, decoder 1792 px
+    assert TilePlan(vae_encoder_tile=None, vae_decoder_tile=None, offload="disk").vae_tiled
+    assert TilePlan(vae_encoder_tile=None, vae_decoder_tile=None, sequential_unet=True).vae_tiled
+    assert not TilePlan(vae_encoder_tile=None, vae_decoder_tile=None).vae_tiled

@@ -6,8 +6,8 @@ Imports nothing from codsr (the lowest layer): the pipeline's tile planner
 Only :func:`limit_heap_fragmentation` and :func:`reuse_freed_memory` change process-wide state
 (glibc's malloc settings); library code never calls them. Applications choose with
 :func:`configure_host_allocator`: the ``codsr upscale`` CLI and the benchmarks limit fragmentation
-when a memory budget is given on the CPU (the memory model was measured that way, docs/memory.md)
-and reuse freed memory otherwise (faster: docs/benchmarks.md#cpu-speed).
+when a memory budget is given on the CPU or the image is tiled (the memory model was measured that
+way, docs/memory.md) and reuse freed memory otherwise (faster: docs/benchmarks.md#cpu-speed).
 """
 
 from __future__ import annotations
@@ -117,12 +117,14 @@ def reuse_freed_memory() -> bool:
     return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD))
 
 
-def configure_host_allocator(budgeted: bool) -> str:
-    """The applications' one rule for the CPU heap: under a memory budget, bounded RSS
-    (:func:`limit_heap_fragmentation`, the setting the memory model was measured with); without
-    one, speed (:func:`reuse_freed_memory`). Returns ``"limit_fragmentation"``/``"reuse"``, or
-    ``"default"`` where glibc's malloc is not there to configure."""
-    if budgeted:
+def configure_host_allocator(budgeted: bool, tiled: bool = False) -> str:
+    """The applications' one rule for the CPU heap, per run: under a memory budget or for a tiled
+    (large-image) run, bounded RSS (:func:`limit_heap_fragmentation`, the setting the memory model
+    was measured with); otherwise speed (:func:`reuse_freed_memory`). Reuse fragments across tiles
+    of many sizes: a 2048² bf16 run without a budget reached 21 GB RSS with it and was killed.
+    Returns ``"limit_fragmentation"``/``"reuse"``, or ``"default"`` where glibc's malloc is not
+    there to configure."""
+    if budgeted or tiled:
         return "limit_fragmentation" if limit_heap_fragmentation() else "default"
     return "reuse" if reuse_freed_memory() else "default"
 

@@ -91,9 +91,6 @@ def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans:
     from codsr.hostmem import configure_host_allocator
     from codsr.pipeline.tiling import MemoryBudgetError, restore_with_oom_retry
 
-    if pipe.device.type == "cpu":  # the app is the application: the CLI's glibc heap rule, per job
-        configure_host_allocator(budgeted=settings.max_memory not in (None, ""))
-
     def process(image, seed: int):
         chw = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)
         width, height = processing_size(chw.shape[-1], chw.shape[-2], settings.scale)
@@ -101,6 +98,8 @@ def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans:
             plan = tile_plan(settings, pipe, chw.shape[-1], chw.shape[-2])
         except MemoryBudgetError as e:
             raise RuntimeError(str(e)) from None
+        if pipe.device.type == "cpu":  # the app is the application: the CLI's glibc heap rule, per image
+            configure_host_allocator(budgeted=settings.max_memory not in (None, ""), tiled=plan.vae_tiled)
 
         current = {"plan": plan}
 

@@ -160,6 +160,13 @@ class TilePlan:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def vae_tiled(self) -> bool:
+        """True when the VAE encoder or decoder runs in tiles, or tiles are offloaded / the UNet
+        runs tile by tile: the large-image plans, where host memory is what matters."""
+        return (self.vae_encoder_tile is not None or self.vae_decoder_tile is not None or self.sequential_unet
+                or self.offload is not None)  # fmt: skip
+
     def describe(self) -> str:
         """One line for people: tile sizes with units, offload, UNet mode, prediction."""
 
