@@ -91,9 +91,10 @@ def limit_heap_fragmentation(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     By default glibc raises this threshold up to 32 MB as large blocks are freed, so activation
     tensors end up in its heap, which fragments and keeps freed memory: on the tiled VAE this
     tripled peak RSS (docs/memory.md). A fixed threshold returns every freed activation to the OS
-    at once; the cost is a page-fault per first touch, small next to the convolutions.
-    Process-wide, so only applications call it (the CLI and the benchmarks under a CPU budget),
-    never the library. A no-op (returns False) where glibc is not the allocator.
+    at once; the cost is a page fault per first touch (about a quarter of the VAE's time at 512²,
+    docs/benchmarks.md#cpu-speed). Process-wide, so only applications call it (through
+    :func:`configure_host_allocator`: under a CPU budget or for a tiled image), never the library.
+    It also undoes :func:`reuse_freed_memory`. A no-op (returns False) where glibc is not the allocator.
     """
     ok = _mallopt(
         (_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD), (_M_MMAP_THRESHOLD, threshold)
