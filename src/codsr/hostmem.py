@@ -110,7 +110,7 @@ def reuse_freed_memory() -> bool:
     glibc's default gives each tensor over 32 MB its own mapping, unmapped when freed, so every
     large activation of the VAE is page-faulted and zeroed by the kernel again: on a 2-vCPU EPYC
     that was ~1/4 of the bf16 VAE's time at 512² (5.9 s → 4.3 s with this setting, peak RSS
-    +0.2 GB; docs/benchmarks.md#cpu-speed). The cost is memory held between phases and heap
+    +0.2 GiB; docs/benchmarks.md#cpu-speed). The cost is memory held between phases and heap
     fragmentation with tiles of many sizes, so under a memory budget use
     :func:`limit_heap_fragmentation` instead. Process-wide: applications call it, never the
     library. A no-op (returns False) where glibc is not the allocator.
@@ -122,7 +122,7 @@ def configure_host_allocator(budgeted: bool, tiled: bool = False) -> str:
     """The applications' one rule for the CPU heap, per run: under a memory budget or for a tiled
     (large-image) run, bounded RSS (:func:`limit_heap_fragmentation`, the setting the memory model
     was measured with); otherwise speed (:func:`reuse_freed_memory`). Reuse fragments across tiles
-    of many sizes: a 2048² bf16 run without a budget reached 21 GB RSS with it and was killed.
+    of many sizes: a 2048² bf16 run without a budget reached 20 GiB RSS with it and was killed.
     Returns ``"limit_fragmentation"``/``"reuse"``, or ``"default"`` where glibc's malloc is not
     there to configure."""
     if budgeted or tiled:
