@@ -344,7 +344,7 @@ def prepare_pipeline(pipe: Any, *, channels_last: bool = False, compile: bool = 
             m.compile(dynamic=False)  # one static graph per size: no slower dynamic-shape kernels
             compiled.append(name)
     processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
-    return {"channels_last": channels_last, "vae_channels_last": bool(getattr(pipe, "vae_channels_last", channels_last)),
+    return {"channels_last": channels_last, "vae_channels_last": pipe.vae_channels_last,
             "compiled_modules": compiled, "unet_attention_processors": processors,
             "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention")}  # fmt: skip
 
@@ -634,9 +634,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plan = tiling.plan(size, size, device=device, dtype=DTYPES[name], max_memory=args.max_memory,
                                batch=args.batch, release_compat=args.release_compat)  # fmt: skip
             print(f"tile plan for {size}²: {plan.describe()}", flush=True)
-            allocator = "default"
-            if device.type == "cpu":  # the CLI's rule: bounded RSS under a budget or when tiled, else reuse
-                allocator = configure_host_allocator(budgeted=bool(args.max_memory), tiled=plan.vae_tiled)
+            # the CLI's rule: bounded RSS under a budget or when tiled, else reuse (CPU only)
+            allocator = configure_host_allocator(budgeted=bool(args.max_memory), tiled=plan.vae_tiled, device=device)
             res = benchmark_pipeline(
                 pipe, size, repeats=args.repeats, warmup=args.warmup, count_flops=not args.no_flops,
                 batch=args.batch, progress=args.progress, tile_plan=plan, release_compat=args.release_compat,

@@ -529,10 +529,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.setdefault(k, v)
     device = torch.device(args.device)
     allocator = "default"
-    if device.type == "cpu" and args.allocator == "reuse":
+    if args.allocator == "reuse":
         from codsr.hostmem import configure_host_allocator
+        from codsr.pipeline.tiling import plan
+        from codsr.precision import resolve_dtype
 
-        allocator = configure_host_allocator(budgeted=False)  # what the codsr CLI does without --max-memory
+        # what the codsr CLI does without --max-memory: reuse for an untiled image, bounded RSS when tiled
+        tiled = plan(args.size, args.size, device=device, dtype=resolve_dtype(args.dtypes[0])).vae_tiled
+        allocator = configure_host_allocator(budgeted=False, tiled=tiled, device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base, ckpt = ensure_weights(args.weights_dir, args.tiny, args.seed)
     process_size = min(512, args.size)  # the release's default 512; smaller only for quick checks

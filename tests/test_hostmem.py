@@ -71,6 +71,9 @@ def test_configure_host_allocator_picks_the_mode_by_budget(monkeypatch):
     calls.clear()
     assert hostmem.configure_host_allocator(budgeted=False, tiled=True) == "limit_fragmentation"  # large images
     assert calls == [((-4, 65536), (-1, 128 * 1024), (-3, 1 << 20)), "trim"]
+    calls.clear()
+    assert hostmem.configure_host_allocator(budgeted=False, device="cuda:0") == "default"  # not the heap's job
+    assert calls == []
     monkeypatch.setattr(hostmem, "_mallopt", lambda *settings: False)  # not glibc
     assert hostmem.configure_host_allocator(budgeted=False) == "default"
 

@@ -118,13 +118,16 @@ def reuse_freed_memory() -> bool:
     return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD))
 
 
-def configure_host_allocator(budgeted: bool, tiled: bool = False) -> str:
-    """The applications' one rule for the CPU heap, per run: under a memory budget or for a tiled
+def configure_host_allocator(budgeted: bool, tiled: bool = False, device: torch.device | str = "cpu") -> str:
+    """The applications' one rule for the CPU heap, per run: on a CUDA/MPS ``device`` nothing (the
+    activations are not in the heap: returns ``"default"``); under a memory budget or for a tiled
     (large-image) run, bounded RSS (:func:`limit_heap_fragmentation`, the setting the memory model
     was measured with); otherwise speed (:func:`reuse_freed_memory`). Reuse fragments across tiles
     of many sizes: a 2048² bf16 run without a budget reached 20 GiB RSS with it and was killed.
     Returns ``"limit_fragmentation"``/``"reuse"``, or ``"default"`` where glibc's malloc is not
     there to configure."""
+    if torch.device(device).type != "cpu":
+        return "default"
     if budgeted or tiled:
         return "limit_fragmentation" if limit_heap_fragmentation() else "default"
     return "reuse" if reuse_freed_memory() else "default"

@@ -98,8 +98,9 @@ def _restorer(pipe: Any, settings: JobSettings, on_event: EventFn | None, plans:
             plan = tile_plan(settings, pipe, chw.shape[-1], chw.shape[-2])
         except MemoryBudgetError as e:
             raise RuntimeError(str(e)) from None
-        if pipe.device.type == "cpu":  # the app is the application: the CLI's glibc heap rule, per image
-            configure_host_allocator(budgeted=settings.max_memory not in (None, ""), tiled=plan.vae_tiled)
+        # the app is the application: the CLI's glibc heap rule, per image
+        configure_host_allocator(budgeted=settings.max_memory not in (None, ""), tiled=plan.vae_tiled,
+                                 device=pipe.device)  # fmt: skip
 
         current = {"plan": plan}
 

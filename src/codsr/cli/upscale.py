@@ -221,11 +221,10 @@ def make_process(args: argparse.Namespace, device=None):
             plan = initial_plan(args, pipe, chw.shape[-1], chw.shape[-2])
         except MemoryBudgetError as e:
             raise RuntimeError(str(e)) from None
-        if device.type == "cpu":
-            # Process-wide glibc setting, per image: bounded RSS under --max-memory or for a tiled
-            # image (the memory model was measured that way, docs/memory.md#glibc-heap), else reuse
-            # of freed memory (faster); an application's choice, so the CLI makes it, not the library.
-            configure_host_allocator(budgeted=args.max_memory is not None, tiled=plan.vae_tiled)
+        # Process-wide glibc setting on the CPU, per image: bounded RSS under --max-memory or for a
+        # tiled image (the memory model was measured that way, docs/memory.md#glibc-heap), else reuse
+        # of freed memory (faster); an application's choice, so the CLI makes it, not the library.
+        configure_host_allocator(budgeted=args.max_memory is not None, tiled=plan.vae_tiled, device=device)
 
         def attempt(tile_plan):
             return pipe(
