@@ -36,7 +36,7 @@ counts it).
 
 ``--sizes 512,1024,2048`` (commas or spaces) is a sweep; ``--plot sweep.png`` draws time and peak
 memory against output pixels (matplotlib, a benchmark-only dependency), also from saved JSON with
-``--plot-only results.json``.
+``--plot-only results.json [more.json ...]`` (several files: one plot of all their runs).
 
 Usage::
 
@@ -527,6 +527,7 @@ def plot_sweep(results: dict[str, Any], path: str) -> None:
     ax_m.set(
         xlabel="output megapixels", ylabel="peak memory (GiB)", xscale="log", title="peak memory vs pixels"
     )
+    ax_m.set_ylim(bottom=0)  # from 0: the peak includes the weights
     sides = sorted({round((p[0]) ** 0.5) for pts in series.values() for p in pts})
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
@@ -578,7 +579,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of time and peak memory vs pixels here")
-    p.add_argument("--plot-only", default=None, metavar="JSON", help="only plot saved results (with --plot)")
+    p.add_argument("--plot-only", nargs="+", default=None, metavar="JSON",
+                   help="only plot saved results, from one or more JSON files (with --plot)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.sizes = [int(v) for item in args.sizes for v in str(item).split(",") if v.strip()]
@@ -654,8 +656,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        with open(args.plot_only, encoding="utf-8") as f:
-            plot_sweep(json.load(f), args.plot)
+        saved = []
+        for path in args.plot_only:
+            with open(path, encoding="utf-8") as f:
+                saved.append(json.load(f))
+        # several files (e.g. sizes run under different budgets): one plot of all their runs
+        plot_sweep(saved[0] if len(saved) == 1 else {"runs": dict(zip(args.plot_only, saved, strict=True))}, args.plot)
         print(f"wrote {args.plot}")
         return 0
     try:

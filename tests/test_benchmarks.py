@@ -192,3 +192,39 @@ def test_cli_writes_json_schema(latency, tmp_path, capsys):
     assert res["stages"]["unet"]["gflop"] > 0 and res["stages"]["unet"]["gflops_per_s"] > 0
     assert res["stages_sum_within_tolerance"] is True
     assert "vae_decode" in capsys.readouterr().out
+
+
+def test_tiled_stages_benchmark_times_each_unet_mode(tmp_path, monkeypatch):
+    """benchmarks/tiled_stages.py on the tiny model: batched and one-by-one UNet tiles, JSON out."""
+    import codsr.hostmem
+
+    monkeypatch.setattr(codsr.hostmem, "_mallopt", lambda *settings: True)  # no process-wide heap change
+    spec = importlib.util.spec_from_file_location("codsr_benchmarks_tiled_stages", REPO / "benchmarks" / "tiled_stages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "stages.json"
+    argv = ["unet", "--tiny", "--dtype", "fp32", "--latent", "24", "--tile", "16", "--overlap", "6", "--sequential"]
+    assert mod.main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["calls"]) == {"batched", "sequential"} and res["host_allocator"] == "limit_fragmentation"
+    assert all(c["seconds"] > 0 and c["page_faults"] >= 0 for c in res["calls"].values())
+    assert mod.main(["decode", "--tiny", "--dtype", "fp32", "--latent", "24", "--tile", "8", "--offload", "disk"]) == 0
+    with pytest.raises(SystemExit):
+        mod.parse_args(["unet", "--tile", "-1"])
+
+
+def test_plot_only_merges_several_saved_runs(latency, tmp_path, monkeypatch, capsys):
+    """--plot-only a.json b.json: one plot of every run (sizes measured under different budgets)."""
+    seen = []
+    monkeypatch.setattr(latency, "plot_sweep", lambda results, path: seen.append((results, path)))
+    files = []
+    for name, size in (("a.json", 2048), ("b.json", 4096)):
+        (tmp_path / name).write_text(json.dumps({"config": {}, "results": [{"size": size}]}))
+        files.append(str(tmp_path / name))
+    png = str(tmp_path / "sweep.png")
+    assert latency.main(["--plot-only", *files, "--plot", png]) == 0
+    (results, path), = seen
+    assert path == png and list(results["runs"]) == files
+    assert [r["results"][0]["size"] for r in results["runs"].values()] == [2048, 4096]
+    assert latency.main(["--plot-only", files[0], "--plot", png]) == 0
+    assert seen[1][0] == {"config": {}, "results": [{"size": 2048}]}  # one file: plotted as saved

@@ -254,7 +254,7 @@ def test_list_of_different_sizes_is_processed_image_by_image(tiny_pipeline):
 
 
 def test_vae_tiling_statistics_avoid_float64_on_mps():
-    from codsr.pipeline.vae_tiling import _float64_device
+    from codsr.pipeline.group_norm import _float64_device
 
     assert _float64_device(torch.device("mps")) == torch.device("cpu")
     assert _float64_device(torch.device("cpu")) == torch.device("cpu")

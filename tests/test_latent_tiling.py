@@ -13,6 +13,28 @@ def test_tile_grid_matches_release_fixture(parity_case):
     assert offsets == [tuple(o) for o in case["tile_offsets_yx"].tolist()]
 
 
+def test_even_tile_grid_spreads_the_release_count_of_tiles():
+    from codsr.pipeline.latent_tiling import even_tile_grid
+
+    # the release: 150-px tiles at 0, 100, 106 (the last overlaps its neighbour by 144 px)
+    assert tile_grid(256, 256, 150, 50)[1][:3] == [(0, 0), (0, 100), (0, 106)]
+    # here: as many tiles, of side ceil((256 + 2·50) / 3) = 119 rounded up to a multiple of 8 = 120,
+    # at 0, (256 − 120) / 2 = 68, 136
+    t, offsets = even_tile_grid(256, 256, 150, 50)
+    assert t == 120 and offsets[:3] == [(0, 0), (0, 68), (0, 136)] and len(offsets) == 9
+    # 64 px, tiles of 32, overlap 8: ceil(80 / 3) = 27 → 32 (the cap), at 0, 16, 32
+    assert even_tile_grid(64, 64, 32, 8) == (32, [(y, x) for y in (0, 16, 32) for x in (0, 16, 32)])
+    for h, w, tile, overlap in [(256, 256, 150, 50), (32, 48, 16, 4), (140, 400, 150, 50), (97, 61, 20, 7)]:
+        t, offsets = even_tile_grid(h, w, tile, overlap)
+        assert len(offsets) == len(tile_grid(h, w, tile, overlap)[1]) and t <= min(tile, h, w)
+        assert t % 8 == 0 or t == min(tile, h, w)  # even sizes at every UNet level
+        for axis, size in ((0, h), (1, w)):
+            starts = sorted({o[axis] for o in offsets})
+            assert starts[0] == 0 and starts[-1] + t == size  # covers the axis
+            assert all(b - a <= t - overlap for a, b in zip(starts, starts[1:], strict=False))  # overlaps ≥ overlap
+    assert even_tile_grid(140, 400, 150, 50) == (140, [(0, 0), (0, 87), (0, 173), (0, 260)])
+
+
 def test_tile_starts_edge_cases():
     assert tile_starts(10, 10, 3) == [0]
     assert tile_starts(100, 40, 10) == [0, 30, 60]
@@ -197,11 +219,12 @@ def test_planner_bounds_the_sequential_unet_and_offloads_its_tiles_when_needed()
 
     kw = dict(dtype=torch.bfloat16, resident=GB // 2)
     with pytest.raises(MemoryBudgetError):
-        plan_tiles(4096, 4096, 8 * GB, **kw)  # the batched UNet (25 tiles of 150²) cannot fit 8 GiB
+        plan_tiles(4096, 4096, 8 * GB, **kw)  # the batched UNet (25 tiles of 144²) cannot fit 8 GiB
     with pytest.warns(UserWarning, match="one by one"):
         p = plan(4096, 4096, device="cpu", max_memory=8, **kw)
     assert p.sequential_unet and p.offload == "disk" and p.latent_tile == 150 and p.predicted_peak <= 8 * GB
-    # kept on the device the stored tiles of a 4096² image (512² latent, 25 windows of 150²) cost
-    # 2600 elements per window px: 2600·25·150²·4 bytes
-    assert DEFAULT_MODEL.unet_stored(512, 512, 150, 50, 4) == pytest.approx(2600 * 25 * 150**2 * 4)
+    # kept on the device the stored tiles of a 4096² image (512² latent, 25 evenly spread windows of
+    # 144²: ceil((512 + 4·50) / 5) = 143 rounded up to a multiple of 8) cost 2600 elements per
+    # window px: 2600·25·144²·4 bytes
+    assert DEFAULT_MODEL.unet_stored(512, 512, 150, 50, 4) == pytest.approx(2600 * 25 * 144**2 * 4)
     assert DEFAULT_MODEL.unet_stored(100, 100, 150, 50, 4) == 0.0  # untiled

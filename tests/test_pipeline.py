@@ -96,8 +96,10 @@ def test_vae_lora_merged_by_default_and_both_within_parity(parity_dir, parity_ca
         has_peft = any("lora_A" in n for n, _ in pipe.generator.vae.named_parameters())
         assert has_peft is not merge  # the default merges: no adapter modules left in the VAE
         outs[merge] = _restore(pipe, case)
-    # unmerged: the release's own summation (1.1e-5); merged: one rounding more (4.1e-5 measured)
-    assert (outs[False] - case["output"]).abs().max() <= 2e-5
+    # unmerged: the release's own summation; merged: one rounding more. How far either lands from
+    # the fixture depends on the CPU's float32 conv kernels (unmerged 1.1e-5 on an AVX-512 machine,
+    # 4.7e-5 on an AVX2 EPYC), so both are held to the parity tolerance.
+    assert (outs[False] - case["output"]).abs().max() <= PARITY_ATOL
     assert (outs[True] - case["output"]).abs().max() <= PARITY_ATOL
     assert 0 < (outs[True] - outs[False]).abs().max() <= PARITY_ATOL
 

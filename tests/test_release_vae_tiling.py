@@ -27,7 +27,9 @@ from codsr.pipeline.release_vae_tiling import (
 )
 
 REFERENCE = Path(__file__).parent / "fixtures" / "release_vae_tiling.npz"
-TOL = 1e-5
+# float32 rounding of the CPU's conv kernels, on outputs up to ~5: ≤ 1e-5 on an AVX-512 machine,
+# up to 2.9e-5 on an AVX2 EPYC (the release's quirks move the output by > 0.1, a missing LoRA by > 1e-2)
+TOL = 4e-5
 ENCODER_CASES = ("enc_a", "enc_b")  # 1 image 1×2 tiles; batch of 2, 2×3 tiles
 DECODER_CASES = ("dec_a", "dec_b")  # 2×3 tiles; batch of 2, 1×2 tiles of a latent thinner than 2·pad
 

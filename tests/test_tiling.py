@@ -119,18 +119,20 @@ def test_memory_model_formulas_by_hand():
 
 def test_batched_unet_tiles_cost_the_whole_latent():
     m = tiling.DEFAULT_MODEL
-    # 512² latent, tiles of 150 with overlap 50: starts 0, 100, 200, 300, 362 -> 25 tiles at once
-    assert tiling._unet_latent_px(512, 512, 150, 50, batched=True) == 25 * 150 * 150
-    assert tiling._unet_latent_px(512, 512, 150, 50, batched=False) == 150 * 150
+    # 512² latent, tiles of ≤ 150 with overlap ≥ 50: 5 per axis (as the release's 0, 100, 200, 300,
+    # 362), evenly spread with side ceil((512 + 4·50) / 5) = 143, rounded up to a multiple of 8:
+    # 25 tiles of 144² at once
+    assert tiling._unet_latent_px(512, 512, 150, 50, batched=True) == 25 * 144 * 144
+    assert tiling._unet_latent_px(512, 512, 150, 50, batched=False) == 144 * 144
     assert tiling._unet_latent_px(100, 200, 150, 50, batched=True) == 100 * 200  # area ≤ 150²: untiled
     batched = TilePlan(vae_encoder_tile=256, vae_decoder_tile=256, offload="disk")  # the VAE is small here
     seq = replace(batched, sequential_unet=True)
     persistent = 80 * 4096**2 + 800 * 512**2 * 2
     # batched: the UNet holds 25 tiles at once and is the largest stage
-    assert m.peak(batched, 4096, 4096, 2) == pytest.approx(1.15 * (persistent + 12000 * 25 * 150**2 * 2 + 400 * 2**20))
+    assert m.peak(batched, 4096, 4096, 2) == pytest.approx(1.15 * (persistent + 12000 * 25 * 144**2 * 2 + 400 * 2**20))
     # one by one: one tile, and the offloaded VAE's untiled mid-block (4300 per latent px) is the largest stage
     assert m.peak(seq, 4096, 4096, 2) == pytest.approx(1.15 * (persistent + m.decode(4096, 4096, 2, 256, True)))
-    assert m.decode(4096, 4096, 2, 256, True) > m.unet(150**2, 2)
+    assert m.decode(4096, 4096, 2, 256, True) > m.unet(144**2, 2)
 
 
 # --------------------------------------------------------------------------------- planning

@@ -1,10 +1,12 @@
 """Latent (UNet) tiling with Gaussian blending (docs/method.md#inference; docs/inference.md#tiling).
 
 The release splits the latent into T×T tiles with overlap O, runs the UNet per tile and blends the
-ε predictions with Gaussian weights. Two quirks of the release are reproduced only on request
-(``release_compat=True``): the y-centre of the Gaussian is T/2 while the x-centre is (T−1)/2, and
-the blended sum is divided by ``clamp_min(Σ weights, 1e-6)``, which damps ε near image corners
-where the Gaussian tails are tiny. By default the weights are symmetric and the division exact.
+ε predictions with Gaussian weights. By default the tiles are spread evenly
+(:func:`even_tile_grid`: the release's number of tiles per axis, the smallest side that keeps the
+overlap). The release's own positions (:func:`tile_grid`, last tile pinned to the border) and two
+quirks of the release are reproduced only on request (``release_compat=True``): the y-centre of
+the Gaussian is T/2 while the x-centre is (T−1)/2, and the blended sum is divided by
+``clamp_min(Σ weights, 1e-6)``, which damps ε near image corners where the Gaussian tails are tiny. By default the weights are symmetric and the division exact.
 
 The release also lets every tile normalise with its own GroupNorm statistics, which shifts each
 tile's prediction (with a tiny random UNet, tiled vs untiled drops to ~27 dB PSNR). By default
@@ -16,7 +18,8 @@ The batch holds every tile's activations at once, so its memory grows with the i
 :func:`sequential_pooled_noise_prediction` computes the same result (to float rounding) with the
 tiles one at a time: it drives the stock UNet unit by unit (resnet, transformer, down/upsampler)
 and, inside a unit, measures each GroupNorm's pooled statistics in a pass over the tiles that stops
-at that GroupNorm, before the pass that applies them. Idle tiles (the current activation and the
+at that GroupNorm, before the pass that applies them (resnets are split in two units before their
+second GroupNorm, so no pass recomputes anything). Idle tiles (the current activation and the
 skip connections) wait in a tile store (on the device, in host memory or on disk, as the tiled
 VAE's), so the device holds one tile's working set (docs/benchmarks.md#bounded-unet-tiling).
 """
@@ -31,10 +34,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
 
+from codsr.pipeline.group_norm import Moments, channel_moments, group_normalize, merge_group_moments
 from codsr.pipeline.vae_tiling import TileStore, make_tile_store
 
 GAUSSIAN_VAR = 0.01
+# SD 2.1's UNet halves the latent three times: tiles of a multiple of 8 keep every level even.
+UNET_ALIGN = 8
 _RELEASE_MIN_CONTRIBUTION = 1e-6
 
 
@@ -51,6 +58,27 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[int, list[tuple[
     """(T', offsets): square tiles of side T' = min(tile, h, w) in row-major (y, x) order."""
     t = min(tile, h, w)
     return t, [(y, x) for y in tile_starts(h, t, overlap) for x in tile_starts(w, t, overlap)]
+
+
+def even_tile_grid(
+    h: int, w: int, tile: int, overlap: int, align: int = UNET_ALIGN
+) -> tuple[int, list[tuple[int, int]]]:
+    """(T', offsets) of the default layout: per axis as many tiles as :func:`tile_grid` (the fewest
+    of side ≤ ``tile`` that overlap by ≥ ``overlap``), evenly spread, with the smallest common side
+    T' that keeps every overlap ≥ ``overlap``, rounded up to a multiple of ``align`` (capped at
+    min(``tile``, h, w)) so the UNet's down/upsamplers see even sizes at every level. The release
+    pins its last tile to the border, where it can overlap its neighbour almost entirely: a 256-px
+    latent with tiles of 150 and overlap 50 gets tiles at 0, 100, 106 there, and 3 tiles of 120 px
+    at 0, 68, 136 here (1.6× fewer pixels through the UNet). Row-major (y, x) order."""
+    t = min(tile, h, w)
+    counts = [len(tile_starts(n, t, overlap)) for n in (h, w)]
+    side = max(n if k == 1 else -(-(n + (k - 1) * overlap) // k) for n, k in zip((h, w), counts, strict=True))
+    side = min(t, -(-side // align) * align) if side < t else t
+
+    def spread(n: int, k: int) -> list[int]:
+        return [0] if k == 1 else [round(i * (n - side) / (k - 1)) for i in range(k)]
+
+    return side, [(y, x) for y in spread(h, counts[0]) for x in spread(w, counts[1])]
 
 
 def gaussian_tile_weights(tile: int, release_compat: bool = False) -> torch.Tensor:
@@ -75,7 +103,8 @@ def tiled_noise_prediction(
     release_compat: bool = False,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Blend per-tile ε predictions into a full B×C×h×w prediction (float32).
+    """Blend per-tile ε predictions at the release's tile positions (:func:`tile_grid`) into a full
+    B×C×h×w prediction (float32): the ``release_compat=True`` path.
 
     ``predict(ys, xs)`` returns the UNet output for the latent window ``[..., ys, xs]``; the caller
     slices its own inputs (noisy latent, SFT maps) so nothing here knows about the model.
@@ -106,9 +135,9 @@ def tile_cores(size: int, tile: int, starts: list[int]) -> list[tuple[int, int]]
 
 
 def core_weights(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """(offsets, n×1×T×T indicator of each tile's core), in the order of :func:`tile_grid`."""
-    t, offsets = tile_grid(h, w, tile, overlap)
-    ys, xs = tile_starts(h, t, overlap), tile_starts(w, t, overlap)
+    """(offsets, n×1×T×T indicator of each tile's core), in the order of :func:`even_tile_grid`."""
+    t, offsets = even_tile_grid(h, w, tile, overlap)
+    ys, xs = sorted({y for y, _ in offsets}), sorted({x for _, x in offsets})
     cy, cx = tile_cores(h, t, ys), tile_cores(w, t, xs)
     masks = []
     for y0, y1 in cy:
@@ -217,13 +246,22 @@ def _check_unet(unet: nn.Module) -> None:
         )
 
 
+def _halvable(block: nn.Module) -> bool:
+    """Whether ``block`` is a plain diffusers ``ResnetBlock2D`` (no resampling, temb added before
+    norm2), whose forward the sequential tiles can run in two halves."""
+    return (
+        type(block) is ResnetBlock2D and block.upsample is None and block.downsample is None
+        and block.time_embedding_norm == "default" and not block.skip_time_act
+    )  # fmt: skip
+
+
 class _PooledStreamer:
     """Runs stock UNet units tile by tile with GroupNorm statistics pooled over the tiles' cores.
 
     ``weights`` (n×1×T×T) are the batched variant's core indicators, area-resized per resolution
-    exactly as :func:`pooled_group_norm` does, so the statistics are the same weighted sums. Per
-    tile, per channel: weight sum n, weighted mean μ and M2 = Σ w·(x − μ)²; merged in float64 with
-    the parallel-variance formula (mean = Σ nᵢμᵢ / N, M2 = Σ M2ᵢ + nᵢ(μᵢ − mean)²).
+    exactly as :func:`pooled_group_norm` does, so the statistics are the same weighted sums: per
+    tile, per channel, weight sum, weighted mean and M2, merged in float64
+    (:mod:`codsr.pipeline.group_norm`).
     """
 
     def __init__(self, weights: torch.Tensor, store: TileStore) -> None:
@@ -249,57 +287,21 @@ class _PooledStreamer:
             self._cache.update({(j, h, w): wt[j : j + 1] for j in range(self.n)})
         return self._cache[key].to(device=device, dtype=torch.float32).view(1, 1, h, w)
 
-    def _channel_stats(self, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        w = self.weight(self.current, *x.shape[-2:], x.device)
-        n = float(w.sum())
-        xf = x.float()
-        mean = (xf * w).sum(dim=(2, 3)) / n
-        m2 = ((xf - mean[..., None, None]).pow(2) * w).sum(dim=(2, 3))
-        return n, mean.double(), m2.double()
-
-    @staticmethod
-    def _group_stats(
-        acc: list[tuple[float, torch.Tensor, torch.Tensor]], groups: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c = acc[0][1].shape
-        counts = torch.tensor([a[0] for a in acc], dtype=torch.float64, device=acc[0][1].device).view(
-            -1, 1, 1, 1
-        )
-        means = torch.stack([a[1] for a in acc]).view(len(acc), b, groups, c // groups)
-        m2 = torch.stack([a[2] for a in acc]).view(len(acc), b, groups, c // groups)
-        total = counts.sum() * (c // groups)
-        mean = (counts * means).sum(dim=(0, 3)) / total
-        m2_total = (m2 + counts * (means - mean[None, ..., None]).pow(2)).sum(dim=(0, 3))
-        return mean.float(), (m2_total / total).float()
-
-    @staticmethod
-    def _apply(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        # The maths of pooled_group_norm: float32, then back to the input's dtype.
-        b, c, h, w = x.shape
-        g = norm.num_groups
-        xt = x.float().view(b, g, c // g, h, w)
-        y = ((xt - mean.view(b, g, 1, 1, 1)) * torch.rsqrt(var.view(b, g, 1, 1, 1) + norm.eps)).view(
-            b, c, h, w
-        )
-        if norm.affine:
-            y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
-        return y.to(x.dtype)
-
     def unit(self, module: nn.Module | None, fn: Callable[[int], torch.Tensor]) -> str:
         """Run ``fn(i)`` (one stock unit on tile i, reading the store) for every tile with every
         GroupNorm in ``module`` pooled; store the outputs under a new key and return it."""
         norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)] if module is not None else []
         fixed: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         measuring: list[nn.Module] = []
-        acc: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+        acc: list[Moments] = []
 
         def forward(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
             if norm in fixed:
-                return self._apply(norm, x, *fixed[norm])
+                return group_normalize(x, norm, *fixed[norm])
             if measuring and measuring[0] is not norm:
                 raise RuntimeError("tiles reached different GroupNorms first: the UNet is not tile-uniform")
             measuring[:] = [norm]
-            acc.append(self._channel_stats(x))
+            acc.append(channel_moments(x, self.weight(self.current, *x.shape[-2:], x.device)))
             raise _Stop
 
         for m in norms:
@@ -323,7 +325,7 @@ class _PooledStreamer:
                     return key
                 if len(acc) != self.n:
                     raise RuntimeError("not every tile reached the GroupNorm being measured")
-                fixed[measuring[0]] = self._group_stats(acc, measuring[0].num_groups)
+                fixed[measuring[0]] = merge_group_moments(acc, measuring[0].num_groups)
         finally:
             for m in norms:
                 del m.forward
@@ -355,8 +357,9 @@ def sequential_pooled_noise_prediction(
     ``[..., ys, xs]``; the rest of the stock UNet (time embedding, down/mid/up blocks with their
     resnets, transformers and resamplers, output head) is driven here unit by unit, each unit
     called per tile. Every GroupNorm is normalised with the statistics pooled over all tiles'
-    cores, measured by a pass that stops at it (a resnet's second GroupNorm costs half a resnet
-    more: ≈1.2-1.4× the batched compute). Self-attention stays tile-local. ``offload``: ``None``
+    cores, measured by a pass that stops at it. Plain ``ResnetBlock2D``s run as two units split
+    before norm2 (its input kept in the store), so every GroupNorm is the first operation of its
+    unit and measuring recomputes nothing. Self-attention stays tile-local. ``offload``: ``None``
     keeps idle tiles on the device (the current activation and the skip connections of all tiles:
     a few full-latent activations, far below the batch), ``"cpu"`` / ``"disk"`` park them in host
     memory / temporary files so only one tile's working set is on the device.
@@ -384,13 +387,33 @@ def sequential_pooled_noise_prediction(
         forward_upsample_size = th % up_factor != 0 or tw % up_factor != 0
 
         def resnet(block: nn.Module, key: str, skip: str | None = None) -> str:
-            def fn(i: int) -> torch.Tensor:
+            def inputs(i: int) -> torch.Tensor:
                 x = s.get(key, i)
-                if skip is not None:
-                    x = torch.cat([x, s.get(skip, i)], dim=1)
-                return block(x, emb)
+                return x if skip is None else torch.cat([x, s.get(skip, i)], dim=1)
 
-            return s.unit(block, fn)
+            if not _halvable(block):
+                return s.unit(block, lambda i: block(inputs(i), emb))
+            # ResnetBlock2D.forward in two units split before norm2, the intermediate kept in the
+            # store: measuring norm2 then reads it instead of running norm1 → conv1 again per tile.
+            temb = None
+            if block.time_emb_proj is not None:
+                temb = block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]
+
+            def first(i: int) -> torch.Tensor:
+                h = block.conv1(block.nonlinearity(block.norm1(inputs(i))))
+                return h if temb is None else h + temb
+
+            def second(i: int) -> torch.Tensor:
+                h = block.conv2(block.dropout(block.nonlinearity(block.norm2(s.get(hidden, i)))))
+                x = inputs(i)
+                if block.conv_shortcut is not None:
+                    x = block.conv_shortcut(x)
+                return (x + h) / block.output_scale_factor
+
+            hidden = s.unit(nn.ModuleList([block.norm1]), first)
+            out = s.unit(nn.ModuleList([block.norm2]), second)
+            s.drop(hidden)
+            return out
 
         def attn(block: nn.Module, key: str) -> str:
             return s.unit(

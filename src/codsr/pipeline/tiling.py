@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from codsr.hostmem import GB, automatic_budget, release_host_memory, resident_bytes
-from codsr.pipeline.latent_tiling import tile_grid
+from codsr.pipeline.latent_tiling import even_tile_grid
 from codsr.pipeline.vae_tiling import DECODER_HALO, ENCODER_HALO, OFFLOAD_MODES, plan_axis
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class TilePlan:
       exact tiled VAE and the sequential UNet tiles can offload.
     * ``sequential_unet``: run the UNet tiles one by one with the same pooled GroupNorm statistics
       as the batch (``latent_tiling.sequential_pooled_noise_prediction``: equal to float rounding,
-      ≈1.3× the compute, memory of one tile) instead of one batch (the default; its memory grows
+      about the same compute, memory of one tile) instead of one batch (the default; its memory grows
       with the image). ``release_compat=True`` runs them one by one with per-tile statistics.
     * ``predicted_peak`` / ``budget``: informational, in **bytes**; 0 = not planned under a budget.
 
@@ -272,7 +272,7 @@ class MemoryModel:
         """Idle-tile storage of the sequential UNet tiles kept on the device (latent ``h × w``)."""
         if h * w <= tile * tile:
             return 0.0
-        t, offsets = tile_grid(h, w, tile, min(overlap, max(0, min(tile, h, w) - 1)))
+        t, offsets = even_tile_grid(h, w, tile, min(overlap, max(0, min(tile, h, w) - 1)))
         return self.unet_stored_per_window_px * t * t * len(offsets) * bytes_per_el
 
     def persistent(self, height: int, width: int, bytes_per_el: int) -> float:
@@ -311,7 +311,7 @@ def _unet_latent_px(h: int, w: int, tile: int, overlap: int, batched: bool) -> i
     """Latent px the UNet holds at once: the whole latent untiled, one tile or all tiles (batched)."""
     if h * w <= tile * tile:
         return h * w
-    t, offsets = tile_grid(h, w, tile, min(overlap, max(0, min(tile, h, w) - 1)))
+    t, offsets = even_tile_grid(h, w, tile, min(overlap, max(0, min(tile, h, w) - 1)))
     return t * t * (len(offsets) if batched else 1)
 
 
@@ -447,7 +447,7 @@ def plan(
       are filled in and a warning says when the prediction exceeds the budget.
     * else ``max_memory`` given (GB or ``"auto"``): :func:`plan_tiles` with the UNet tiles in one
       batch; if that cannot fit, the UNet tiles one by one (bounded memory, the same pooled
-      GroupNorm statistics, ≈1.3× the UNet compute; a warning says so). :class:`MemoryBudgetError` when
+      GroupNorm statistics, about the same compute; a warning says so). :class:`MemoryBudgetError` when
       nothing fits.
     * else: :meth:`TilePlan.automatic`.
 
@@ -483,11 +483,11 @@ def plan(
         if release_compat:
             raise
         # The batched UNet (pooled GroupNorm) grows with the image: fall back to one tile at a
-        # time with the same pooled statistics (same result, bounded memory, ≈1.3× UNet compute).
+        # time with the same pooled statistics (same result, bounded memory, about the same compute).
         out = plan_tiles(height, width, budget, sequential_unet=True, **kw)
         warnings.warn(
             f"max_memory={max_memory}: the UNet tiles run one by one to fit the budget (the same pooled "
-            "GroupNorm statistics as the batch, so the same result; about 1.3× the UNet time; docs/memory.md)",
+            "GroupNorm statistics as the batch, so the same result; docs/memory.md)",
             stacklevel=2,
         )
     if release_compat:

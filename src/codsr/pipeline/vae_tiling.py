@@ -31,17 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from codsr.hostmem import release_host_memory
+from codsr.pipeline.group_norm import Moments, channel_moments, group_normalize, merge_group_moments
 
 # Receptive-field radius of the tiled parts of the SD VAE, rounded up: encoder conv_in + down
 # blocks ≈ 75 input px (kept a multiple of 8 for stride alignment); decoder up blocks + conv_out
 # ≈ 12.3 latent px.
 ENCODER_HALO = 80
 DECODER_HALO = 13
-# GroupNorm is applied in slices of about this many elements, so its float32 temporaries stay
-# small next to the tile (the maths is elementwise, so the result is identical).
-_NORM_CHUNK_ELEMENTS = 1 << 24
 OFFLOAD_MODES = ("cpu", "disk")
 
 
@@ -81,6 +80,17 @@ class Tile:
     x: AxisWindow
 
 
+def _activate(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``act(y)`` for a freshly normalised ``y``: SiLU in place (no second full-size tensor)."""
+    return F.silu(y, inplace=True) if type(act) is nn.SiLU else act(y)
+
+
+def _residual(x: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
+    """A resnet's ``(x + h) / scale`` into the fresh ``h`` (conv output), dividing only when scale ≠ 1."""
+    h = h.add_(x)
+    return h if scale == 1 else h.div_(scale)
+
+
 class _TiledRunner:
     """Runs stock diffusers VAE blocks over a list of tiles with pooled GroupNorm statistics."""
 
@@ -97,43 +107,12 @@ class _TiledRunner:
         return t[..., round(tl.y.core0 * fy) : round(tl.y.core1 * fy), round(tl.x.core0 * fx) : round(tl.x.core1 * fx)]
 
     def _group_stats(self, xs: list[torch.Tensor], norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-(sample, group) mean and biased variance over all tile cores (two passes, float32)."""
-        g = norm.num_groups
-        total = None
-        count = 0
-        for i, x in enumerate(xs):
-            c = self._core(i, x).float()
-            b = c.shape[0]
-            s = c.reshape(b, g, -1).sum(-1)
-            total = s if total is None else total + s
-            count += c[0, 0].numel() * (c.shape[1] // g)
-        mean = total / count
-        sq = None
-        for i, x in enumerate(xs):
-            c = self._core(i, x).float()
-            b = c.shape[0]
-            d = (c.reshape(b, g, -1) - mean[..., None]).pow(2).sum(-1)
-            sq = d if sq is None else sq + d
-        return mean, sq / count
+        """Per-(sample, group) mean and biased variance over all tile cores (float32)."""
+        return merge_group_moments([channel_moments(self._core(i, x)) for i, x in enumerate(xs)], norm.num_groups)
 
     @staticmethod
     def _apply_norm(x: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        g = norm.num_groups
-        cpg = c // g
-        # Whole groups per slice: the float32 temporaries are bounded by the slice, not the tile.
-        groups_per_chunk = max(1, min(g, _NORM_CHUNK_ELEMENTS // max(1, x[0, :cpg].numel() * b)))
-        out = torch.empty_like(x)
-        for g0 in range(0, g, groups_per_chunk):
-            g1 = min(g, g0 + groups_per_chunk)
-            xs = x[:, g0 * cpg : g1 * cpg]
-            xf = xs.float().reshape(b, g1 - g0, -1)
-            y = ((xf - mean[:, g0:g1, None]) * torch.rsqrt(var[:, g0:g1, None] + norm.eps)).reshape(xs.shape)
-            if norm.affine:
-                w = norm.weight.float()[g0 * cpg : g1 * cpg].view(1, -1, 1, 1)
-                y = y * w + norm.bias.float()[g0 * cpg : g1 * cpg].view(1, -1, 1, 1)
-            out[:, g0 * cpg : g1 * cpg] = y
-        return out
+        return group_normalize(x, norm, mean, var)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for i, t in enumerate(self.tiles):
@@ -142,7 +121,7 @@ class _TiledRunner:
     def norm_act(self, norm: nn.GroupNorm, act: nn.Module, then: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """tiles ← then(act(GroupNorm_pooled(tiles)))."""
         mean, var = self._group_stats(self.tiles, norm)
-        self.map(lambda t: then(act(self._apply_norm(t, norm, mean, var))))
+        self.map(lambda t: then(_activate(act, self._apply_norm(t, norm, mean, var))))
 
     def resnet(self, block: nn.Module) -> None:
         """A diffusers ``ResnetBlock2D`` (no time embedding, no internal resampling)."""
@@ -155,13 +134,13 @@ class _TiledRunner:
         mean, var = self._group_stats(hidden, block.norm2)
         out: list[torch.Tensor | None] = []
         for i in range(len(hidden)):
-            h = block.conv2(block.dropout(block.nonlinearity(self._apply_norm(hidden[i], block.norm2, mean, var))))
+            h = block.conv2(block.dropout(_activate(block.nonlinearity, self._apply_norm(hidden[i], block.norm2, mean, var))))
             hidden[i] = None
             x = inputs[i]
             inputs[i] = None
             if block.conv_shortcut is not None:
                 x = block.conv_shortcut(x)
-            out.append((x + h) / block.output_scale_factor)
+            out.append(_residual(x, h, block.output_scale_factor))
         self.tiles = out
 
     def block(self, blk: nn.Module) -> None:
@@ -221,20 +200,28 @@ class DiskTileStore(TileStore):
     def __init__(self, device: torch.device, directory: str | os.PathLike | None = None) -> None:
         super().__init__(device)
         self.directory = tempfile.mkdtemp(prefix="codsr-vae-tiles-", dir=directory)
-        self._meta: dict[Hashable, tuple[str, torch.Size, torch.dtype]] = {}
+        self._meta: dict[Hashable, tuple[str, torch.Size, torch.dtype, bool]] = {}
         self._count = 0
 
     def put(self, key: Hashable, t: torch.Tensor) -> None:
         path = os.path.join(self.directory, f"{self._count}.bin")
         self._count += 1
+        t = t.detach().to("cpu")
+        # Channels-last tiles are written in their own layout (B×H×W×C, no copy) and come back
+        # channels-last, so the next convolution gets the layout it runs fastest in.
+        channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        raw = t.permute(0, 2, 3, 1) if channels_last else t
         # A byte view handles dtypes numpy lacks (bfloat16).
-        t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tofile(path)
-        self._meta[key] = (path, t.shape, t.dtype)
+        raw.contiguous().view(torch.uint8).numpy().tofile(path)
+        self._meta[key] = (path, t.shape, t.dtype, channels_last)
 
     def get(self, key: Hashable) -> torch.Tensor:
-        path, shape, dtype = self._meta[key]
-        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-        return raw.view(dtype).view(shape).to(self.device)
+        path, shape, dtype, channels_last = self._meta[key]
+        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype)
+        if channels_last:
+            b, c, h, w = shape
+            return raw.view(b, h, w, c).permute(0, 3, 1, 2).to(self.device)
+        return raw.view(shape).to(self.device)
 
     def _discard(self, key: Hashable) -> None:
         path = self._meta.pop(key)[0]
@@ -256,20 +243,6 @@ def make_tile_store(offload: str | None, device: torch.device, directory: str | 
     raise ValueError(f"VAE tile offload must be None, 'cpu' or 'disk', got {offload!r}")
 
 
-def _float64_device(device: torch.device) -> torch.device:
-    """Where float64 statistics can live: ``device`` itself, or the CPU for MPS (no float64 there)."""
-    return torch.device("cpu") if device.type == "mps" else device
-
-
-@dataclass
-class _ChannelStats:
-    """Per-(sample, channel) statistics of one tile's core: element count, mean, sum of squared deviations."""
-
-    count: int
-    mean: torch.Tensor  # B×C float64
-    m2: torch.Tensor  # B×C float64
-
-
 class _StreamingRunner(_TiledRunner):
     """Like :class:`_TiledRunner`, but idle tiles live in a :class:`TileStore` and GroupNorm
     statistics are accumulated per tile when it is produced, so one tile is processed at a time.
@@ -285,7 +258,7 @@ class _StreamingRunner(_TiledRunner):
         self.n = len(tiles)
         self._generation = 0
         self.dtype = tiles[0].dtype
-        self.stats: list[_ChannelStats] = []
+        self.stats: list[Moments] = []
         for i, t in enumerate(tiles):
             self._put(i, t)
 
@@ -303,36 +276,11 @@ class _StreamingRunner(_TiledRunner):
                 self.stats.append(st)
         self.store.put(self._key(i, gen), t)
 
-    def _channel_stats(self, i: int, t: torch.Tensor) -> _ChannelStats:
-        core = self._core(i, t)
-        b, c = core.shape[:2]
-        n = core[0, 0].numel()
-        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, n * b))
-        means, m2s = [], []
-        # Per-tile sums in float32 on the tile's device; the B×C results are merged in float64,
-        # on the CPU where the device has no float64 (MPS): the same numbers as on the CPU.
-        self._stats_device = core.device
-        merge_device = _float64_device(core.device)
-        for c0 in range(0, c, step):
-            cf = core[:, c0 : c0 + step].float()
-            mu = cf.mean(dim=(2, 3))
-            means.append(mu.to(merge_device, torch.float64))
-            m2s.append((cf - mu[..., None, None]).pow(2).sum(dim=(2, 3)).to(merge_device, torch.float64))
-        return _ChannelStats(n, torch.cat(means, 1), torch.cat(m2s, 1))
+    def _channel_stats(self, i: int, t: torch.Tensor) -> Moments:
+        return channel_moments(self._core(i, t))
 
     def _group_stats(self, xs: list, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        g = norm.num_groups
-        stats = self.stats
-        b, c = stats[0].mean.shape
-        counts = torch.tensor([s.count for s in stats], dtype=torch.float64, device=stats[0].mean.device)
-        means = torch.stack([s.mean for s in stats]).view(len(stats), b, g, c // g)  # T×B×G×Cg
-        m2 = torch.stack([s.m2 for s in stats]).view(len(stats), b, g, c // g)
-        n = counts.view(-1, 1, 1, 1)
-        total = counts.sum() * (c // g)
-        mean = (n * means).sum(dim=(0, 3)) / total
-        m2_total = (m2 + n * (means - mean[None, ..., None]).pow(2)).sum(dim=(0, 3))
-        device = getattr(self, "_stats_device", mean.device)
-        return mean.float().to(device), (m2_total / total).float().to(device)
+        return merge_group_moments(self.stats, norm.num_groups)
 
     def _tile_done(self) -> None:
         # On the CPU, glibc keeps freed tile-sized blocks in its heap and the heap fragments across
@@ -350,7 +298,7 @@ class _StreamingRunner(_TiledRunner):
 
     def norm_act(self, norm: nn.GroupNorm, act: nn.Module, then: Callable[[torch.Tensor], torch.Tensor]) -> None:
         mean, var = self._group_stats([], norm)
-        self.map(lambda t: then(act(self._apply_norm(t, norm, mean, var))))
+        self.map(lambda t: then(_activate(act, self._apply_norm(t, norm, mean, var))))
 
     def resnet(self, block: nn.Module) -> None:
         if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
@@ -362,18 +310,18 @@ class _StreamingRunner(_TiledRunner):
         self._generation = hidden
         for i in range(self.n):
             x = self.store.get(self._key(i, inputs))
-            self._put(i, block.conv1(block.nonlinearity(self._apply_norm(x, block.norm1, mean, var))))
+            self._put(i, block.conv1(_activate(block.nonlinearity, self._apply_norm(x, block.norm1, mean, var))))
             del x
             self._tile_done()
         mean, var = self._group_stats([], block.norm2)
         self._generation = out
         for i in range(self.n):
             h = self.store.pop(self._key(i, hidden))
-            h = block.conv2(block.dropout(block.nonlinearity(self._apply_norm(h, block.norm2, mean, var))))
+            h = block.conv2(block.dropout(_activate(block.nonlinearity, self._apply_norm(h, block.norm2, mean, var))))
             x = self.store.pop(self._key(i, inputs))
             if block.conv_shortcut is not None:
                 x = block.conv_shortcut(x)
-            self._put(i, (x + h) / block.output_scale_factor)
+            self._put(i, _residual(x, h, block.output_scale_factor))
             del x, h
             self._tile_done()
 
