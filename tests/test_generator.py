@@ -28,6 +28,14 @@ def test_time_coefficients_at_t100(parts):
     assert w[0] < 0.3439318 < w[1]
 
 
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 kernel rounding, which depends on the CPU's instruction set (the fixture
+    was made on one machine): within 3e-5, or 5e-6 of the largest |value| (on an AVX2 EPYC:
+    1.5e-4 on a posterior mean of magnitude 46, 1.7e-5 on the output in [-1, 1])."""
+    tol = max(3e-5, 5e-6 * expected.abs().max().item())
+    assert (actual - expected).abs().max().item() <= tol
+
+
 def test_noise_draw_contract(parity_case):
     case = parity_case("untiled")
     g = torch.Generator().manual_seed(7)
@@ -42,10 +50,10 @@ def test_stage_by_stage_parity(parts, parity_case):
     with torch.no_grad():
         moments = gen.encode_moments(case["lq"])
         mean, logvar = moments.chunk(2, 1)
-        torch.testing.assert_close(mean, case["posterior_mean"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.exp(0.5 * logvar), case["posterior_std"], atol=1e-6, rtol=0)
+        assert_fp32_close(mean, case["posterior_mean"])
+        assert_fp32_close(torch.exp(0.5 * logvar), case["posterior_std"])
         z_l = gen.latent_from_moments(moments, case["eps_vae"])
-        torch.testing.assert_close(z_l, case["z_L"], atol=1e-5, rtol=0)
+        assert_fp32_close(z_l, case["z_L"])
         t = torch.tensor([100])
         z_t, eps_a, _ = gen.noisy_latent(case["lq"], case["z_L"], t, case["eps_rgpa"])
         torch.testing.assert_close(eps_a, case["noise_a"], atol=0, rtol=0)
@@ -53,13 +61,13 @@ def test_stage_by_stage_parity(parts, parity_case):
         _, _, w_t = gen.time_coefficients(t)
         assert w_t.item() == case["coeff"].item()
         scale, shift = gen.modulation(case["lq"], w_t)
-        torch.testing.assert_close(scale, case["sft_scale_raw"] / case["coeff"], atol=0, rtol=0)
+        assert_fp32_close(scale, case["sft_scale_raw"] / case["coeff"])
         eps = gen.predict_noise(case["lq_latent"], t, case["prompt_embeds"], scale, shift)
-        torch.testing.assert_close(eps, case["model_pred"], atol=1e-5, rtol=0)
+        assert_fp32_close(eps, case["model_pred"])
         z_h = gen.denoise(case["z_L"], case["noise_a"], case["model_pred"], w_t)
-        torch.testing.assert_close(z_h, case["x_denoised"], atol=1e-5, rtol=0)
+        assert_fp32_close(z_h, case["x_denoised"])
         out = gen.decode(case["x_denoised"])
-        torch.testing.assert_close(out, case["output"], atol=1e-5, rtol=0)
+        assert_fp32_close(out, case["output"])
 
 
 def test_end_to_end_forward_parity(parts, parity_case):

@@ -36,8 +36,10 @@ def test_sft_matches_release_fixture(parity_case, parity_dir):
     case = parity_case("untiled")
     with torch.no_grad():
         scale, shift = sft(case["lq"])
-    torch.testing.assert_close(scale, case["sft_scale_raw"], atol=0, rtol=0)
-    torch.testing.assert_close(shift, case["sft_shift_raw"], atol=0, rtol=0)
+    # float32 kernel rounding differs by CPU instruction set (bitwise on the fixture's machine,
+    # 1.0e-6 on an AVX2 EPYC)
+    torch.testing.assert_close(scale, case["sft_scale_raw"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shift, case["sft_shift_raw"], atol=1e-5, rtol=0)
 
 
 def test_conv_in_modulation_applies_eq4_and_is_removed():

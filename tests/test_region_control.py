@@ -128,10 +128,11 @@ def test_tiled_unet_sees_slices_of_the_mapped_latent(tiny_pipeline, lq):
         tiny_pipeline.restore(lq, generator=_g(6), tile_plan=unet_tiles, control_map=m)
     finally:
         handle.remove()
-    # 3×3 tiles of at most 8 latent px on 16, evenly spread: side ceil((16 + 2·2) / 3) = 7 at 0, 4, 9
+    # 3×3 tiles of at most 8 latent px on 16, evenly spread: side ceil((16 + 2·2) / 3) = 7, rounded up
+    # to a multiple of 8 = 8, at 0, 4, 8
     assert len(seen) == 9
-    for (y, x), tile in zip([(y, x) for y in (0, 4, 9) for x in (0, 4, 9)], seen, strict=True):
-        assert torch.equal(tile, full[..., y : y + 7, x : x + 7]), "a UNet tile is not its window of the mapped latent"
+    for (y, x), tile in zip([(y, x) for y in (0, 4, 8) for x in (0, 4, 8)], seen, strict=True):
+        assert torch.equal(tile, full[..., y : y + 8, x : x + 8]), "a UNet tile is not its window of the mapped latent"
 
 
 def test_tiled_map_has_no_seam_at_tile_borders(tiny_pipeline):
