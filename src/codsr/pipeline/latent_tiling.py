@@ -73,7 +73,7 @@ def even_tile_grid(
     t = min(tile, h, w)
     counts = [len(tile_starts(n, t, overlap)) for n in (h, w)]
     side = max(n if k == 1 else -(-(n + (k - 1) * overlap) // k) for n, k in zip((h, w), counts, strict=True))
-    side = min(t, -(-side // align) * align) if side < t else t
+    side = min(t, -(-side // align) * align)  # side ≤ t: the counts come from tiles of t
 
     def spread(n: int, k: int) -> list[int]:
         return [0] if k == 1 else [round(i * (n - side) / (k - 1)) for i in range(k)]

@@ -110,10 +110,6 @@ class _TiledRunner:
         """Per-(sample, group) mean and biased variance over all tile cores (float32)."""
         return merge_group_moments([channel_moments(self._core(i, x)) for i, x in enumerate(xs)], norm.num_groups)
 
-    @staticmethod
-    def _apply_norm(x: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        return group_normalize(x, norm, mean, var)
-
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for i, t in enumerate(self.tiles):
             self.tiles[i] = fn(t)
@@ -121,7 +117,7 @@ class _TiledRunner:
     def norm_act(self, norm: nn.GroupNorm, act: nn.Module, then: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """tiles ← then(act(GroupNorm_pooled(tiles)))."""
         mean, var = self._group_stats(self.tiles, norm)
-        self.map(lambda t: then(_activate(act, self._apply_norm(t, norm, mean, var))))
+        self.map(lambda t: then(_activate(act, group_normalize(t, norm, mean, var))))
 
     def resnet(self, block: nn.Module) -> None:
         """A diffusers ``ResnetBlock2D`` (no time embedding, no internal resampling)."""
@@ -134,7 +130,7 @@ class _TiledRunner:
         mean, var = self._group_stats(hidden, block.norm2)
         out: list[torch.Tensor | None] = []
         for i in range(len(hidden)):
-            h = block.conv2(block.dropout(_activate(block.nonlinearity, self._apply_norm(hidden[i], block.norm2, mean, var))))
+            h = block.conv2(block.dropout(_activate(block.nonlinearity, group_normalize(hidden[i], block.norm2, mean, var))))
             hidden[i] = None
             x = inputs[i]
             inputs[i] = None
@@ -298,7 +294,7 @@ class _StreamingRunner(_TiledRunner):
 
     def norm_act(self, norm: nn.GroupNorm, act: nn.Module, then: Callable[[torch.Tensor], torch.Tensor]) -> None:
         mean, var = self._group_stats([], norm)
-        self.map(lambda t: then(_activate(act, self._apply_norm(t, norm, mean, var))))
+        self.map(lambda t: then(_activate(act, group_normalize(t, norm, mean, var))))
 
     def resnet(self, block: nn.Module) -> None:
         if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
@@ -310,14 +306,14 @@ class _StreamingRunner(_TiledRunner):
         self._generation = hidden
         for i in range(self.n):
             x = self.store.get(self._key(i, inputs))
-            self._put(i, block.conv1(_activate(block.nonlinearity, self._apply_norm(x, block.norm1, mean, var))))
+            self._put(i, block.conv1(_activate(block.nonlinearity, group_normalize(x, block.norm1, mean, var))))
             del x
             self._tile_done()
         mean, var = self._group_stats([], block.norm2)
         self._generation = out
         for i in range(self.n):
             h = self.store.pop(self._key(i, hidden))
-            h = block.conv2(block.dropout(_activate(block.nonlinearity, self._apply_norm(h, block.norm2, mean, var))))
+            h = block.conv2(block.dropout(_activate(block.nonlinearity, group_normalize(h, block.norm2, mean, var))))
             x = self.store.pop(self._key(i, inputs))
             if block.conv_shortcut is not None:
                 x = block.conv_shortcut(x)
